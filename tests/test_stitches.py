@@ -1,0 +1,445 @@
+"""Tests for `modelstitch._stitches`: shape rules, kinds, init, prefix tokens, errors."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from modelstitch._errors import StitchError
+from modelstitch._spec import ActivationSpec
+from modelstitch._stitches import STITCH_KINDS, Stitch, make_stitch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _shape_of(x):
+    return x.shape if isinstance(x, ActivationSpec) else tuple(x)
+
+
+def _pre_names(stitch: Stitch) -> list[str]:
+    mods = list(stitch.pre) if isinstance(stitch.pre, nn.Sequential) else [stitch.pre]
+    return [type(m).__name__ for m in mods if not isinstance(m, nn.Identity)]
+
+
+def _layer_sig(m: nn.Module) -> tuple:
+    if isinstance(m, nn.Conv2d):
+        return ("Conv2d", m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0])
+    if isinstance(m, nn.Linear):
+        return ("Linear", m.in_features, m.out_features)
+    return (type(m).__name__,)
+
+
+def _core_sig(stitch: Stitch) -> list[tuple]:
+    mods = list(stitch.core) if isinstance(stitch.core, nn.Sequential) else [stitch.core]
+    return [_layer_sig(m) for m in mods]
+
+
+def _assert_error(provided, expected, **options) -> StitchError:
+    with pytest.raises(StitchError) as info:
+        make_stitch(provided, expected, **options)
+    message = str(info.value)
+    for side in (provided, expected):
+        shown = str(_shape_of(side)) if isinstance(side, (ActivationSpec, tuple)) else repr(side)
+        assert shown in message, (shown, message)
+    return info.value
+
+
+# ---------------------------------------------------------------------------- shape rules
+
+
+class Rule(NamedTuple):
+    provided: object
+    expected: object
+    options: dict
+    pre: list[str]
+    core: list[tuple]
+    post: str
+    bad: tuple  # (provided, expected, options): the nearest unsupported neighbour
+
+
+VIT = (197, 192)  # ViT-Tiny: class token + 14x14 patches
+
+
+def conv(c_in: int, c_out: int, k: int = 1) -> tuple:
+    return ("Conv2d", c_in, c_out, k, k)
+
+
+def lin(d_in: int, d_out: int) -> tuple:
+    return ("Linear", d_in, d_out)
+
+
+ID, M2T, UNF = "Identity", "MapToTokens", "Unflatten"
+T2M, TR = "TokensToMap", "TokenResample"
+RULES = [
+    # map -> map
+    Rule((64, 32, 32), (128, 16, 16), {}, [], [conv(64, 128, 2)], ID, bad=((64, 32, 32), (128, 0, 16), {})),
+    Rule((64, 8, 8), (32, 32, 32), {}, ["Upsample"], [conv(64, 32)], ID, bad=((64, 8, 8, 1), (32, 32, 32), {})),
+    Rule((16, 8, 8), (32, 8, 8), {}, [], [conv(16, 32)], ID, bad=((16, 8, 8), (32, 8, 8), {"kind": "conv"})),
+    Rule((12, 10, 10), (7, 4, 4), {}, ["Resize"], [conv(12, 7)], ID, bad=((12, 10, 10), (7, 4, 4), {"init": "lstsq"})),
+    Rule((8, 16, 8), (8, 8, 8), {}, ["Resize"], [conv(8, 8)], ID, bad=((8, 16, 8), (8, 8, 8), {"init": "zeros"})),
+    Rule((8, 32, 16), (4, 16, 8), {}, [], [conv(8, 4, 2)], ID, bad=((8, 32, 16), (4, 16, 8), {"pool": "max"})),
+    Rule((8, 4, 4), (4, 8, 12), {}, ["Resize"], [conv(8, 4)], ID, bad=((8, 4, 4), (4, 8, 12, 1), {})),
+    # tokens -> tokens
+    Rule(VIT, (197, 384), {}, [], [lin(192, 384)], ID, bad=(VIT, (197, 384), {"rank": 4})),
+    Rule(VIT, (50, 384), {}, [TR], [lin(192, 384)], ID, bad=(VIT, (50, 384), {"num_prefix_tokens": 2})),
+    Rule(VIT, (21, 64), {}, [TR], [lin(192, 64)], ID, bad=(VIT, (21, 64), {"num_prefix_tokens": (1, 21)})),
+    Rule(
+        (18, 8),
+        (16, 8),
+        {"num_prefix_tokens": (2, 0)},
+        [TR],
+        [lin(8, 8)],
+        ID,
+        bad=((18, 8), (16, 8), {"num_prefix_tokens": (3, 0)}),
+    ),
+    # tokens -> map
+    Rule(VIT, (256, 8, 8), {}, [T2M, "Resize"], [conv(192, 256)], ID, bad=(VIT, (256, 8, 8), {"num_prefix_tokens": 0})),
+    Rule(VIT, (256, 7, 7), {}, [T2M], [conv(192, 256, 2)], ID, bad=(VIT, (256, 7, 7), {"hidden": 8})),
+    Rule(
+        (50, 64),
+        (32, 14, 14),
+        {},
+        [T2M, "Upsample"],
+        [conv(64, 32)],
+        ID,
+        bad=((50, 64), (32, 14, 14), {"num_prefix_tokens": (1, 2, 3)}),
+    ),
+    # map -> tokens
+    Rule(
+        (256, 8, 8), VIT, {}, ["Resize"], [conv(256, 192)], M2T, bad=((256, 8, 8), VIT, {"num_prefix_tokens": (0, 0)})
+    ),
+    Rule((64, 28, 28), VIT, {}, [], [conv(64, 192, 2)], M2T, bad=((64, 28, 28), VIT, {"init": "identity"})),
+    Rule((64, 7, 7), (50, 32), {}, [], [conv(64, 32)], M2T, bad=((64, 7, 7), (50, 32), {"num_prefix_tokens": -1})),
+    # vectors
+    Rule((512,), (10,), {}, [], [lin(512, 10)], ID, bad=((512,), (), {})),
+    Rule((64, 8, 8), (10,), {}, ["Reduce"], [lin(64, 10)], ID, bad=((64, 8, 8), (10,), {"init": "identity"})),
+    Rule(
+        (64, 8, 8),
+        (10,),
+        {"pool": "flatten"},
+        ["Flatten"],
+        [lin(4096, 10)],
+        ID,
+        bad=((64, 8, 8), (10,), {"pool": "sum"}),
+    ),
+    Rule(VIT, (10,), {}, ["Reduce"], [lin(192, 10)], ID, bad=(VIT, (10, 0), {})),
+    Rule((5, 4), (10,), {"pool": "flatten"}, ["Flatten"], [lin(20, 10)], ID, bad=((5, 4), (10,), {"kind": "lowrank"})),
+    Rule((10,), (3, 4, 4), {}, [], [lin(10, 48)], UNF, bad=((10,), (3, 4, 4), {"kind": "lowrank", "rank": 11})),
+    Rule((10,), (5, 6), {}, [], [lin(10, 30)], UNF, bad=((10,), (5, 6), {"kind": "mlp", "hidden": 0})),
+    # ActivationSpec inputs
+    Rule(
+        ActivationSpec("blocks.3", VIT),
+        ActivationSpec("layer3", (256, 8, 8)),
+        {},
+        [T2M, "Resize"],
+        [conv(192, 256)],
+        ID,
+        bad=(ActivationSpec("blocks.3", VIT), ActivationSpec("x", (1, 1, 1, 1)), {}),
+    ),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{_shape_of(r.provided)}->{_shape_of(r.expected)}")
+def test_shape_rule(rule: Rule) -> None:
+    stitch = make_stitch(rule.provided, rule.expected, **rule.options)
+    assert (_pre_names(stitch), _core_sig(stitch), type(stitch.post).__name__) == (rule.pre, rule.core, rule.post)
+    assert stitch.kind == "linear" and stitch.linear is stitch.core
+    assert stitch.kernel == (rule.core[0][3] if rule.core[0][0] == "Conv2d" else 1)
+    both_tokens = len(stitch.provided) == len(stitch.expected) == 2
+    assert stitch.core_layout == ("map" if rule.core[0][0] == "Conv2d" else "tokens" if both_tokens else "vector")
+    x = torch.randn(2, *_shape_of(rule.provided))
+    assert stitch(x).shape == (2, *_shape_of(rule.expected))
+    assert [n for n, _ in stitch.named_children()] == ["pre", "core", "post"]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{_shape_of(r.bad[0])}->{_shape_of(r.bad[1])}")
+def test_shape_rule_neighbour_fails(rule: Rule) -> None:
+    provided, expected, options = rule.bad
+    _assert_error(provided, expected, **options)
+
+
+@pytest.mark.parametrize(
+    ("provided", "expected"),
+    [(5, (3,)), ("abc", (3,)), ((2.0,), (3,)), ((True, 2), (3,)), ((3,), None)],
+)
+def test_malformed_shapes_fail(provided, expected) -> None:
+    _assert_error(provided, expected)
+
+
+def test_shapes_accept_torch_size_and_lists() -> None:
+    assert make_stitch(torch.Size([4, 2, 2]), [3]).expected == (3,)
+
+
+def test_upsample_factor_and_resize_size() -> None:
+    assert make_stitch((64, 8, 8), (32, 32, 32)).pre.scale_factor == 4
+    assert make_stitch((12, 10, 10), (7, 4, 4)).pre.size == (4, 4)
+    assert "size=(4, 4)" in repr(make_stitch((12, 10, 10), (7, 4, 4)))
+
+
+def test_core_layouts() -> None:
+    assert make_stitch(VIT, (50, 384)).core_layout == "tokens"
+    assert make_stitch(VIT, (10,)).core_layout == "vector"
+    assert make_stitch((10,), (5, 6)).core_layout == "vector"
+    assert make_stitch((256, 8, 8), VIT).core_layout == "map"
+
+
+def test_resize_matches_bilinear_interpolate() -> None:
+    stitch = make_stitch((3, 10, 10), (3, 4, 4), init="identity")
+    x = torch.randn(2, 3, 10, 10)
+    torch.testing.assert_close(stitch(x), F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False))
+
+
+def test_repr_names_shapes_and_kind() -> None:
+    text = repr(make_stitch((64, 32, 32), (128, 16, 16), kind="bn"))
+    assert "(64, 32, 32) -> (128, 16, 16)" in text and "kind='bn'" in text
+
+
+def test_forward_checks_input_shape() -> None:
+    stitch = make_stitch((64, 8, 8), (10,))
+    with pytest.raises(StitchError, match=r"\(64, 8, 8\)"):
+        stitch(torch.randn(2, 64, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("provided", "expected"),
+    [((256, 8, 8), VIT), ((10,), (3, 4, 4)), ((10,), (5, 6)), (VIT, (50, 8)), ((4, 8, 8), (4, 4, 4))],
+)
+def test_invert_post_undoes_post(provided, expected) -> None:
+    stitch = make_stitch(provided, expected)
+    y = stitch(torch.randn(3, *provided))
+    z = stitch.invert_post(y)
+    assert z.shape == stitch.core(stitch.pre(torch.randn(3, *provided))).shape
+    torch.testing.assert_close(stitch.post(z), y)
+
+
+# ---------------------------------------------------------------------------- kinds
+
+KINDS = [
+    # (provided, expected, options, core signature), then the failing neighbour's options
+    (
+        (64, 32, 32),
+        (128, 16, 16),
+        {"kind": "bn"},
+        [("BatchNorm2d",), conv(64, 128, 2), ("BatchNorm2d",)],
+        {"kind": "bn", "init": "identity"},
+    ),
+    (
+        (50, 16),
+        (50, 8),
+        {"kind": "bn"},
+        [("TokenBatchNorm",), lin(16, 8), ("TokenBatchNorm",)],
+        {"kind": "bn", "rank": 2},
+    ),
+    ((16,), (8,), {"kind": "bn"}, [("BatchNorm1d",), lin(16, 8), ("BatchNorm1d",)], {"kind": "batchnorm"}),
+    (
+        (64, 32, 32),
+        (128, 16, 16),
+        {"kind": "lowrank", "rank": 8},
+        [conv(64, 8, 2), conv(8, 128)],
+        {"kind": "lowrank", "rank": 65},
+    ),
+    (VIT, (50, 64), {"kind": "lowrank", "rank": 64}, [lin(192, 64), lin(64, 64)], {"kind": "lowrank", "rank": 0}),
+    ((16,), (8,), {"kind": "lowrank", "rank": 1}, [lin(16, 1), lin(1, 8)], {"kind": "lowrank", "rank": 2.0}),
+    (
+        (64, 32, 32),
+        (128, 16, 16),
+        {"kind": "mlp"},
+        [conv(64, 128, 2), ("ReLU",), conv(128, 128)],
+        {"kind": "mlp", "hidden": -3},
+    ),
+    (VIT, (10,), {"kind": "mlp", "hidden": 32}, [lin(192, 32), ("ReLU",), lin(32, 10)], {"kind": "mlp", "rank": 3}),
+    ((16,), (8,), {"kind": "auto"}, [lin(16, 8)], {"kind": None}),
+]
+
+
+@pytest.mark.parametrize(("provided", "expected", "options", "core", "bad_options"), KINDS)
+def test_kind(provided, expected, options, core, bad_options) -> None:
+    stitch = make_stitch(provided, expected, **options)
+    assert _core_sig(stitch) == core
+    assert stitch.kind == ("linear" if options["kind"] == "auto" else options["kind"])
+    assert (stitch.linear is stitch.core) == (stitch.kind == "linear")
+    assert stitch(torch.randn(4, *provided)).shape == (4, *expected)
+    _assert_error(provided, expected, **bad_options)
+
+
+def test_lowrank_first_layer_has_no_bias() -> None:
+    assert all(m.bias is None for m in make_stitch((64, 32, 32), (128, 16, 16), kind="lowrank", rank=8).core[:1])
+    assert make_stitch(VIT, (50, 64), kind="lowrank", rank=4).core[0].bias is None
+
+
+def test_token_batchnorm_normalises_last_dim() -> None:
+    stitch = make_stitch((9, 6), (9, 5), kind="bn").train()
+    y = stitch(torch.randn(8, 9, 6) * 5 + 3)
+    torch.testing.assert_close(y.mean(dim=(0, 1)), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(dim=(0, 1), unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+
+
+def test_stitch_kinds_lists_every_kind() -> None:
+    assert STITCH_KINDS == ("auto", "linear", "bn", "lowrank", "mlp")
+
+
+# ---------------------------------------------------------------------------- identity init
+
+IDENTITY = [
+    # (provided, expected), then a failing neighbour (provided, expected, options)
+    (((16, 8, 8), (16, 8, 8)), ((16, 8, 8), (17, 8, 8), {"init": "identity"})),
+    (((197, 64), (197, 64)), ((197, 64), (197, 64), {"init": "identity", "kind": "bn"})),
+    (((10,), (10,)), ((10,), (11,), {"init": "identity"})),
+    (((48,), (3, 4, 4)), ((48,), (3, 4, 4), {"init": "identity", "kind": "mlp"})),
+]
+
+
+@pytest.mark.parametrize(("ok", "bad"), IDENTITY)
+def test_identity_init_is_exact(ok, bad) -> None:
+    provided, expected = ok
+    stitch = make_stitch(provided, expected, init="identity")
+    x = torch.randn(3, *provided)
+    assert torch.equal(stitch(x), x.reshape(3, *expected))
+    error = _assert_error(bad[0], bad[1], **bad[2])
+    assert "identity" in str(error)
+
+
+def test_identity_init_downsampling_is_average_pooling() -> None:
+    stitch = make_stitch((8, 16, 16), (8, 4, 4), init="identity")
+    x = torch.randn(2, 8, 16, 16)
+    assert stitch.kernel == 4
+    torch.testing.assert_close(stitch(x), F.avg_pool2d(x, 4))
+    _assert_error((8, 16, 16), (9, 4, 4), init="identity")
+
+
+def test_identity_init_tokens_to_map_pools_the_grid() -> None:
+    stitch = make_stitch(VIT, (192, 7, 7), init="identity")
+    x = torch.randn(2, *VIT)
+    grid = x[:, 1:].transpose(1, 2).reshape(2, 192, 14, 14)
+    torch.testing.assert_close(stitch(x), F.avg_pool2d(grid, 2))
+
+
+def test_unknown_init_mentions_lstsq() -> None:
+    assert "init='lstsq', init_data=" in str(_assert_error((4,), (4,), init="lstsq"))
+
+
+# ---------------------------------------------------------------------------- prefix tokens
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_equal_prefix_counts_pass_the_class_token_through_core(kind: str) -> None:
+    stitch = make_stitch((197, 16), (50, 8), kind=kind)  # 1 + 14x14 -> 1 + 7x7
+    x = torch.randn(2, 197, 16)
+    torch.testing.assert_close(stitch(x)[:, 0], stitch.core(x[:, 0]))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_new_prefix_tokens_are_the_patch_mean(kind: str) -> None:
+    stitch = make_stitch((197, 16), (21, 8), kind=kind)  # 1 + 14x14 -> 5 + 4x4 (class + 4 registers)
+    x = torch.randn(2, 197, 16)
+    y = stitch(x)
+    mean = stitch.core(x[:, 1:].mean(dim=1))
+    for i in range(5):
+        torch.testing.assert_close(y[:, i], mean)
+
+
+def test_explicit_prefix_pair_drops_prefix_tokens() -> None:
+    stitch = make_stitch((18, 8), (16, 8), num_prefix_tokens=(2, 0), init="identity")
+    x = torch.randn(2, 18, 8)
+    torch.testing.assert_close(stitch(x), x[:, 2:])
+
+
+def test_map_to_tokens_prefix_is_patch_mean() -> None:
+    y = make_stitch((32, 8, 8), (66, 16))(torch.randn(2, 32, 8, 8))  # 2 prefix + 8x8
+    torch.testing.assert_close(y[:, 0], y[:, 2:].mean(dim=1))
+    torch.testing.assert_close(y[:, 1], y[:, 2:].mean(dim=1))
+
+
+def test_equal_token_counts_need_no_grid() -> None:
+    stitch = make_stitch((77, 512), (77, 256))  # text tokens: no square grid, no resampling
+    assert isinstance(stitch.pre, nn.Identity)
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@st.composite
+def _side(draw) -> tuple[tuple[int, ...], int]:
+    """A valid per-sample shape and its prefix-token count (0 unless tokens)."""
+    layout = draw(st.sampled_from(["vector", "tokens", "map"]))
+    if layout == "vector":
+        return (draw(st.integers(1, 24)),), 0
+    if layout == "tokens":
+        prefix, grid = draw(st.integers(0, 2)), draw(st.integers(1, 5))
+        return (prefix + grid * grid, draw(st.integers(1, 12))), prefix
+    return (draw(st.integers(1, 6)), draw(st.integers(1, 16)), draw(st.integers(1, 16))), 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    a=_side(),
+    b=_side(),
+    kind=st.sampled_from(["linear", "bn", "lowrank", "mlp"]),
+    pool=st.sampled_from(["avg", "flatten"]),
+    explicit_prefix=st.booleans(),
+    data=st.data(),
+)
+def test_property_valid_pairs(a, b, kind, pool, explicit_prefix, data) -> None:
+    (provided, p_in), (expected, p_out) = a, b
+    options = {"pool": pool, "num_prefix_tokens": (p_in, p_out) if explicit_prefix else None}
+    if kind == "lowrank":
+        weight = make_stitch(provided, expected, **options).linear.weight  # [out, in] or [out, in, k, k]
+        c_out, c_in = weight.shape[:2]
+        options["rank"] = data.draw(st.integers(1, min(c_in, c_out)))
+    stitch = make_stitch(provided, expected, kind=kind, **options)
+    assert list(stitch.pre.parameters()) == [] and list(stitch.post.parameters()) == []
+    x = torch.randn(3, *provided, requires_grad=True)
+    y = stitch(x)
+    assert y.shape == (3, *expected)
+    assert torch.isfinite(y).all()
+    (y * torch.randn_like(y)).sum().backward()
+    grads = [p.grad for p in stitch.core.parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@st.composite
+def _invalid(draw) -> tuple[tuple[int, ...], tuple[int, ...], dict]:
+    """An unsupported (provided, expected, options) triple."""
+    (good, _), (other, _) = draw(_side()), draw(_side())
+    how = draw(st.sampled_from(["rank", "zero", "grid", "lowrank"]))
+    if how == "rank":
+        bad = tuple(draw(st.lists(st.integers(1, 4), min_size=4, max_size=5))) if draw(st.booleans()) else ()
+    elif how == "zero":
+        bad = list(good)
+        bad[draw(st.integers(0, len(bad) - 1))] = 0
+        bad = tuple(bad)
+    elif how == "grid":  # tokens whose patch count is no square, stitched to a map
+        grid, extra, prefix = draw(st.integers(1, 5)), draw(st.integers(1, 2)), draw(st.integers(0, 2))
+        extra = min(extra, 2 * grid)
+        n = prefix + grid * grid + extra
+        return (n, 4), (3, 4, 4), {"num_prefix_tokens": (prefix, 0)}
+    else:
+        return good, other, {"kind": "lowrank", "rank": draw(st.sampled_from([0, -1, 10_000]))}
+    return (bad, other, {}) if draw(st.booleans()) else (other, bad, {})
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=_invalid())
+def test_property_invalid_pairs_raise(case) -> None:
+    provided, expected, options = case
+    _assert_error(provided, expected, **options)
+
+
+def test_grid_error_when_default_prefix_is_overridden() -> None:
+    assert math.isqrt(196) == 14
+    _assert_error(VIT, (256, 8, 8), num_prefix_tokens=2)
