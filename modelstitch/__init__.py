@@ -15,18 +15,39 @@ Examples:
 """
 
 from . import data, zoo
+from ._cache import ActivationCache
 from ._capture import Activations, activations, capture, layer_specs, list_layers, select_output
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._device import resolve_device
 from ._errors import StitchError
+from ._lstsq import LeastSquares, fit_least_squares
+from ._presets import PRESETS, run_preset
 from ._recipe import Recipe
 from ._spec import ActivationSpec
 from ._split import Prefix, Suffix, prefix, suffix
 from ._stitched import StitchedModel, stitch
 from ._stitches import STITCH_KINDS, Stitch, make_stitch
+from ._store import ResultStore
+from ._study import Cell, Study, StudyResults
+from ._train import TrainResult, evaluate, evaluate_stitches, stitching_penalty, train_stitch, train_stitches
 from ._version import __version__
 
 __all__ = [
+    "PRESETS",
+    "Cell",
+    "ResultStore",
+    "Study",
+    "StudyResults",
+    "run_preset",
+    "ActivationCache",
+    "LeastSquares",
+    "TrainResult",
+    "evaluate",
+    "evaluate_stitches",
+    "fit_least_squares",
+    "stitching_penalty",
+    "train_stitch",
+    "train_stitches",
     "STITCH_KINDS",
     "ActivationSpec",
     "Activations",

@@ -15,7 +15,7 @@ from ._spec import ActivationSpec
 from ._split import Prefix, Suffix, SuffixMethod, suffix
 from ._stitches import Stitch, make_stitch
 
-__all__ = ["StitchedModel", "stitch"]
+__all__ = ["StitchedModel", "assemble", "stitch"]
 
 
 class StitchedModel(nn.Module):
@@ -151,6 +151,7 @@ def stitch(
     example_input: Any,
     kind: str = "auto",
     init: str = "random",
+    init_data: Any = None,
     sender_output: OutputSelector = None,
     receiver_output: OutputSelector = None,
     suffix_method: SuffixMethod = "auto",
@@ -172,7 +173,11 @@ def stitch(
         example_input: a batch like the real data, e.g.
             ``torch.randn(2, 3, 32, 32)``; both networks must accept it.
         kind: the stitch kind, see `make_stitch`.
-        init: ``"random"`` or ``"identity"``, see `make_stitch`.
+        init: ``"random"`` or ``"identity"`` (see `make_stitch`), or
+            ``"lstsq"``: the closed-form least-squares map from provided to
+            expected representation over ``init_data`` (see
+            `fit_least_squares`; kind ``"linear"`` only).
+        init_data: a Dataset or DataLoader of inputs, for ``init="lstsq"``.
         sender_output: tensor selector for a structured sender-layer output.
         receiver_output: tensor selector for a structured receiver-layer output.
         suffix_method: ``"auto"``, ``"graph"`` or ``"hook"``, see `suffix`.
@@ -209,10 +214,52 @@ def stitch(
     receiver_address = parse_address(receiver, receiver_layer)
     provided = _probe(sender, sender_address, example_input, sender_output, role="sender")
     expected = _probe(receiver, receiver_address, example_input, receiver_output, role="receiver")
-    stitch_module = make_stitch(provided, expected, kind=kind, init=init, **stitch_options)
+    receiver_suffix = suffix(
+        receiver, str(receiver_address), example_input=example_input, method=suffix_method, output=receiver_output
+    )
+    return assemble(
+        sender,
+        receiver,
+        provided,
+        expected,
+        receiver_suffix,
+        kind=kind,
+        init=init,
+        init_data=init_data,
+        sender_output=sender_output,
+        receiver_output=receiver_output,
+        **stitch_options,
+    )
+
+
+def assemble(
+    sender: nn.Module,
+    receiver: nn.Module,
+    provided: ActivationSpec,
+    expected: ActivationSpec,
+    receiver_suffix: Suffix,
+    *,
+    kind: str = "auto",
+    init: str = "random",
+    init_data: Any = None,
+    sender_output: OutputSelector = None,
+    receiver_output: OutputSelector = None,
+    **stitch_options: Any,
+) -> StitchedModel:
+    """Build a `StitchedModel` from already probed specs and an already cut suffix.
+
+    `stitch` without the probing: a study that stitches many layer pairs of
+    the same networks probes each network once and cuts each receiver once.
+    """
+    if init == "lstsq" and init_data is None:
+        raise StitchError("init='lstsq' needs init_data=<a Dataset or DataLoader of inputs> to fit the stitch on")
+    stitch_module = make_stitch(
+        provided, expected, kind=kind, init="random" if init == "lstsq" else init, **stitch_options
+    )
+    device = next((p.device for p in sender.parameters()), None)
     if device is not None:
         stitch_module = stitch_module.to(device)
-    return StitchedModel(
+    stitched = StitchedModel(
         sender,
         receiver,
         stitch_module,
@@ -220,10 +267,13 @@ def stitch(
         expected=expected,
         sender_prefix=Prefix(sender, _single_call(provided), output=sender_output),
         receiver_prefix=Prefix(receiver, _single_call(expected), output=receiver_output),
-        receiver_suffix=suffix(
-            receiver, str(receiver_address), example_input=example_input, method=suffix_method, output=receiver_output
-        ),
+        receiver_suffix=receiver_suffix,
     )
+    if init == "lstsq":
+        from ._lstsq import fit_least_squares  # imports this module
+
+        fit_least_squares(stitched, init_data)
+    return stitched
 
 
 def _probe(

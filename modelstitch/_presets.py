@@ -1,0 +1,201 @@
+"""Ready-made studies: ``quick`` (offline, minutes on a CPU), ``paper`` and ``resnet18-vs-34``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as ms_data
+from . import zoo
+from ._device import resolve_device
+from ._errors import StitchError
+from ._recipe import Recipe
+from ._study import Study
+
+__all__ = ["PRESETS", "Preset", "load_dataset", "run_preset", "zoo_models"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A study recipe: which small ResNets, on which data, trained how.
+
+    Attributes:
+        name: the preset's name.
+        description: one line for ``--help``.
+        architectures: small-ResNet block counts (``"R1211"`` or tuples).
+        width: channels of the first stage.
+        dataset: ``"digits"`` (offline, bundled with scikit-learn) or ``"cifar10"``.
+        zoo_recipe: how each network is trained from scratch.
+        recipe: how each stitch is trained.
+        controls: add a random-weight control of every network.
+    """
+
+    name: str
+    description: str
+    architectures: tuple[str | tuple[int, ...], ...]
+    width: int
+    dataset: str
+    zoo_recipe: Recipe
+    recipe: Recipe
+    controls: bool = True
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "quick",
+            "two narrow small ResNets and their random controls on offline 8x8 digits; minutes on a CPU",
+            ("R1111", "R1211"),
+            width=8,
+            dataset="digits",
+            zoo_recipe=zoo.CLASSIFIER_RECIPE.replace(
+                lr=0.05, batch_size=64, base_batch_size=64, epochs=4, channels_last=False
+            ),
+            recipe=Recipe(lr=0.05, batch_size=64, base_batch_size=64, epochs=2),
+        ),
+        Preset(
+            "paper",
+            "all 16 small ResNets R1111..R2222 (width 64) and their controls on CIFAR-10, the paper's recipe",
+            zoo.ARCHITECTURES,
+            width=64,
+            dataset="cifar10",
+            zoo_recipe=zoo.CLASSIFIER_RECIPE,
+            recipe=Recipe(),
+        ),
+        Preset(
+            "resnet18-vs-34",
+            "ResNet18 (R2222) and ResNet34 (3,4,6,3) in both directions on CIFAR-10 (the paper's appendix)",
+            ("R2222", (3, 4, 6, 3)),
+            width=64,
+            dataset="cifar10",
+            zoo_recipe=zoo.CLASSIFIER_RECIPE,
+            recipe=Recipe(),
+        ),
+    ]
+}
+
+
+def load_dataset(
+    name: str, *, train: bool, root: str | Path | None = None, augment: bool = False, download: bool = False
+) -> Any:
+    """A preset's dataset split.
+
+    Args:
+        name: ``"digits"`` or ``"cifar10"``.
+        train: the training split (else the test split).
+        root: for CIFAR-10, a folder with ``train/<class>/`` and ``test/<class>/``
+            images, or torchvision's CIFAR-10 folder.
+        augment: random crop and flip (CIFAR-10 only).
+        download: let torchvision download CIFAR-10 into ``root``.
+    """
+    if name == "digits":
+        return ms_data.digits(train=train)
+    if name == "cifar10":
+        if root is None:
+            raise StitchError("CIFAR-10 needs --data-root DIR (an image folder copy, or where torchvision keeps it)")
+        split = Path(root) / ("train" if train else "test")
+        if split.is_dir():
+            return ms_data.cifar10_folder(root, train=train, augment=augment)
+        return ms_data.cifar10(root, train=train, augment=augment, download=download)
+    raise StitchError(f"unknown dataset {name!r}: use 'digits' or 'cifar10'")
+
+
+def zoo_models(
+    preset: Preset,
+    *,
+    out: Path,
+    train_data: Any,
+    test_data: Any,
+    seed: int,
+    device: torch.device,
+    epochs: float | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """Train (or load from ``out/zoo``) each network of a preset, and build its random control.
+
+    Returns:
+        ``(models, controls)``: networks by name (controls named ``"<arch> random"``)
+        and the map from each network to its control.
+    """
+    recipe = preset.zoo_recipe.replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
+    models: dict[str, torch.nn.Module] = {}
+    controls: dict[str, str] = {}
+    for k, blocks in enumerate(preset.architectures):
+        name = zoo.architecture_name(blocks)
+        path = out / "zoo" / f"{name}.safetensors"
+        if path.is_file():
+            model = zoo.load_model(path, expected_architecture=name)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + k)
+                model = zoo.small_resnet(blocks, width=preset.width)
+            if progress:
+                tqdm.write(f"training {name} (width {preset.width}) on {preset.dataset}")
+            result = zoo.train_classifier(
+                model, train_data, recipe=recipe, test_data=test_data, device=device, progress=progress
+            )
+            zoo.save_model(path, model, dataset=preset.dataset, test_accuracy=result["test_accuracy"], seed=seed + k)
+        models[name] = model.eval()
+        if preset.controls:
+            control = f"{name} random"
+            models[control] = zoo.random_control(blocks, seed=seed + 1000 + k, width=preset.width)
+            controls[name] = control
+    return models, controls
+
+
+def run_preset(
+    name: str,
+    *,
+    out: str | Path,
+    data_root: str | Path | None = None,
+    device: str | torch.device | None = "auto",
+    seed: int = 0,
+    limit: int | None = None,
+    epochs: float | None = None,
+    download: bool = False,
+    progress: bool = True,
+) -> Study:
+    """Train the zoo of a preset (or reuse it), run its study, write the CSV and heatmaps.
+
+    Rerunning with the same ``out`` resumes: trained networks and finished
+    cells are reused.
+
+    Args:
+        name: a key of `PRESETS`.
+        out: the run folder.
+        data_root: CIFAR-10 location (not needed for ``quick``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        seed: seeds the networks, the controls, the data order and every stitch.
+        limit: use only this many training (and test) samples.
+        epochs: override the epochs of both the network and the stitch training.
+        download: let torchvision download CIFAR-10.
+        progress: show progress bars.
+
+    Returns:
+        The finished `Study`.
+    """
+    if name not in PRESETS:
+        raise StitchError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    out = Path(out)
+    dev = resolve_device(device)
+    train_aug = load_dataset(preset.dataset, train=True, root=data_root, augment=True, download=download)
+    train = load_dataset(preset.dataset, train=True, root=data_root, download=download)
+    test = load_dataset(preset.dataset, train=False, root=data_root, download=download)
+    train_aug, train, test = (ms_data.subset(d, limit, seed=seed) for d in (train_aug, train, test))
+    models, controls = zoo_models(
+        preset, out=out, train_data=train_aug, test_data=test, seed=seed, device=dev, epochs=epochs, progress=progress
+    )
+    recipe = preset.recipe.replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
+    study = Study(
+        models, train_data=train, test_data=test, out=out, controls=controls, recipe=recipe, seed=seed, device=dev
+    )
+    study.run(progress=progress)
+    study.to_csv()
+    study.plot()
+    return study

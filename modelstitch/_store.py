@@ -1,0 +1,137 @@
+"""`ResultStore`: a study's results in one SQLite file (stdlib ``sqlite3``, WAL mode).
+
+A row is one finished cell. Rows of cells trained together are written in
+one transaction, so a process killed at any moment leaves either all of them
+or none: nothing half-written is ever read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CELL_COLUMNS", "ResultStore"]
+
+KEY_COLUMNS = ("sender", "sender_layer", "receiver", "receiver_layer", "objective")
+CELL_COLUMNS = (
+    *KEY_COLUMNS,
+    "sender_index",
+    "receiver_index",
+    "sender_depth",
+    "receiver_depth",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "init_accuracy",
+    "seconds",
+    "seed",
+    "recipe",
+    "version",
+    "created",
+)
+_TYPES = {
+    "sender_index": "INTEGER",
+    "receiver_index": "INTEGER",
+    "sender_depth": "INTEGER",
+    "receiver_depth": "INTEGER",
+    "accuracy": "REAL",
+    "loss": "REAL",
+    "train_loss": "REAL",
+    "init_accuracy": "REAL",
+    "seconds": "REAL",
+    "seed": "INTEGER",
+}
+
+
+class ResultStore:
+    """The SQLite file that holds a study's finished cells.
+
+    Args:
+        path: the database file (created with its folder if missing).
+
+    Examples:
+        >>> import tempfile, os
+        >>> store = ResultStore(os.path.join(tempfile.mkdtemp(), "s.sqlite"))
+        >>> store.add([{"sender": "A", "sender_layer": "stem", "receiver": "B", "receiver_layer": "stem",
+        ...             "objective": "task", "accuracy": 0.5}])
+        >>> store.done()
+        {('A', 'stem', 'B', 'stem', 'task')}
+        >>> store.close()
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        columns = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in CELL_COLUMNS)
+        with self._db:
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS cells ({columns}, PRIMARY KEY ({', '.join(KEY_COLUMNS)}))")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Write finished cells in one transaction (all or none); a cell already present is replaced."""
+        placeholders = ", ".join("?" for _ in CELL_COLUMNS)
+        values = [tuple(_encode(row.get(c)) for c in CELL_COLUMNS) for row in rows]
+        with self._db:
+            self._db.executemany(f"INSERT OR REPLACE INTO cells VALUES ({placeholders})", values)
+
+    def done(self) -> set[tuple[str, str, str, str, str]]:
+        """Keys ``(sender, sender_layer, receiver, receiver_layer, objective)`` of finished cells."""
+        return set(self._db.execute(f"SELECT {', '.join(KEY_COLUMNS)} FROM cells").fetchall())
+
+    def rows(self, **where: Any) -> list[dict[str, Any]]:
+        """Finished cells as dicts, optionally filtered by column equality, in a stable order."""
+        clause = " AND ".join(f"{k} = ?" for k in where)
+        sql = f"SELECT {', '.join(CELL_COLUMNS)} FROM cells" + (f" WHERE {clause}" if clause else "")
+        sql += " ORDER BY sender, receiver, objective, sender_index, receiver_index"
+        return [dict(zip(CELL_COLUMNS, r)) for r in self._db.execute(sql, tuple(where.values()))]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON-encodable value under ``key``."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default``."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def to_csv(self, path: str | Path, columns: Sequence[str] = CELL_COLUMNS) -> Path:
+        """Write every finished cell as a tidy CSV (one row per cell)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows())
+        tmp.replace(path)
+        return path
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A raw transaction, for callers that write several tables at once."""
+        with self._db:
+            yield self._db
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return value

@@ -1,0 +1,186 @@
+"""The ``modelstitch`` command line: the same functions as the Python API.
+
+modelstitch layers resnet18
+modelstitch zoo train R1211 --data digits --epochs 4 --out zoo/
+modelstitch study run --preset quick --out runs/quick
+modelstitch study plot runs/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._errors import StitchError
+
+__all__ = ["main"]
+
+
+def _layers(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import zoo
+    from ._capture import layer_specs
+
+    model = _build_model(args.model, args.num_classes)
+    specs = layer_specs(model, torch.randn(1, *args.input_size))
+    paper = set()
+    with contextlib.suppress(StitchError):
+        paper = set(zoo.layer_names(model))
+    width = max(len(s.name) for s in specs)
+    for s in specs:
+        mark = "  *" if s.name in paper else ""
+        calls = f"  (runs {s.calls}x)" if s.calls > 1 else ""
+        print(f"{s.name:<{width}}  {s.layout or '-':<6}  {s.shape}{calls}{mark}")
+    if paper:
+        print("\n* the paper's layer indices 0..N (zoo.layer_names)")
+
+
+def _build_model(name: str, num_classes: int):
+    from . import zoo
+
+    try:
+        zoo.parse_blocks(name)
+        return zoo.small_resnet(name, num_classes=num_classes)
+    except StitchError:
+        pass
+    import torchvision
+
+    if name in torchvision.models.list_models():
+        return torchvision.models.get_model(name, num_classes=num_classes)
+    import timm
+
+    if timm.is_model(name):
+        return timm.create_model(name, num_classes=num_classes, pretrained=False)
+    raise StitchError(f"unknown model {name!r}: give a small ResNet (R1211), a torchvision or a timm model name")
+
+
+def _zoo_train(args: argparse.Namespace) -> None:
+    from . import zoo
+    from ._device import resolve_device
+    from ._presets import load_dataset
+
+    recipe = zoo.CLASSIFIER_RECIPE.replace(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    train = load_dataset(args.data, train=True, root=args.data_root, augment=True, download=args.download)
+    test = load_dataset(args.data, train=False, root=args.data_root, download=args.download)
+    from .data import subset
+
+    train, test = subset(train, args.limit, seed=args.seed), subset(test, args.limit, seed=args.seed)
+    model = zoo.small_resnet(args.architecture, width=args.width)
+    result = zoo.train_classifier(
+        model, train, recipe=recipe, test_data=test, device=resolve_device(args.device), progress=not args.quiet
+    )
+    path = Path(args.out) / f"{zoo.architecture_name(args.architecture)}.safetensors"
+    zoo.save_model(path, model, dataset=args.data, test_accuracy=result["test_accuracy"], seed=args.seed)
+    print(f"{zoo.architecture_name(args.architecture)}: test accuracy {result['test_accuracy']:.4f}; saved {path}")
+
+
+def _study_run(args: argparse.Namespace) -> None:
+    from ._presets import run_preset
+
+    study = run_preset(
+        args.preset,
+        out=args.out,
+        data_root=args.data_root,
+        device=args.device,
+        seed=args.seed,
+        limit=args.limit,
+        epochs=args.epochs,
+        download=args.download,
+        progress=not args.quiet,
+    )
+    n = len(study.rows())
+    print(f"{n} cells in {study.store_path}; table {study.out / 'cells.csv'}; heatmaps {study.out / 'heatmaps.png'}")
+
+
+def _study_plot(args: argparse.Namespace) -> None:
+    from ._study import StudyResults
+
+    results = StudyResults.open(args.run_dir)
+    path = results.out / "heatmaps"
+    results.plot(path, diagonal=args.diagonal)
+    results.to_csv()
+    print(f"heatmaps {path.with_suffix('.png')} and .svg; table {results.out / 'cells.csv'}")
+    if args.grid:
+        results.plot_grid(results.out / "grid")
+        print(f"grid of all pairs {results.out / 'grid.png'}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ._presets import PRESETS
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="modelstitch", description="Model stitching studies from the command line.")
+    parser.add_argument("--version", action="version", version=f"modelstitch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    layers = commands.add_parser("layers", help="list a model's layers and their output shapes")
+    layers.add_argument("model", help="a small ResNet (R1211), a torchvision name (resnet18) or a timm name")
+    layers.add_argument("--input-size", type=int, nargs="+", default=[3, 32, 32], help="C H W of one input")
+    layers.add_argument("--num-classes", type=int, default=10)
+    layers.set_defaults(func=_layers)
+
+    zoo_cmd = commands.add_parser("zoo", help="train the small ResNets of the paper").add_subparsers(
+        dest="zoo_command", required=True
+    )
+    train = zoo_cmd.add_parser("train", help="train one small ResNet and save it as safetensors")
+    train.add_argument("architecture", help="e.g. R1211")
+    train.add_argument("--data", choices=["digits", "cifar10"], default="digits")
+    train.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
+    train.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10")
+    train.add_argument("--epochs", type=float, help="override the recipe's epochs")
+    train.add_argument("--width", type=int, default=64)
+    _common(train, out_default="zoo")
+    train.set_defaults(func=_zoo_train)
+
+    study = commands.add_parser("study", help="run and plot stitching studies").add_subparsers(
+        dest="study_command", required=True
+    )
+    run = study.add_parser("run", help="run a study preset (resumable: rerun to finish)")
+    run.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="quick",
+        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
+    )
+    run.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
+    run.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10")
+    run.add_argument("--epochs", type=float, help="override the epochs of network and stitch training")
+    _common(run, out_default="runs/quick")
+    run.set_defaults(func=_study_run)
+
+    plot = study.add_parser("plot", help="draw the heatmaps (and CSV) of a run folder")
+    plot.add_argument("run_dir")
+    plot.add_argument("--diagonal", action="store_true", help="draw the j/J = i/I line")
+    plot.add_argument("--grid", action="store_true", help="also draw every pair in one grid")
+    plot.set_defaults(func=_study_plot)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser, *, out_default: str) -> None:
+    parser.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="use only this many training (and test) samples")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        args.func(args)
+    except StitchError as err:
+        print(f"modelstitch: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelstitch: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

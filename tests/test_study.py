@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import modelstitch as ms
+from modelstitch import data, zoo
+
+STUDY_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, modelstitch as ms
+    from modelstitch import data, zoo
+    torch.set_num_threads(1)
+    nets = {}
+    for k, arch in enumerate(["R1111", "R1211"]):
+        torch.manual_seed(k)
+        nets[arch] = zoo.small_resnet(arch, width=4)
+        nets[arch + " random"] = zoo.random_control(arch, seed=100 + k, width=4)
+    study = ms.Study(
+        nets,
+        train_data=data.subset(data.digits(), 96),
+        test_data=data.subset(data.digits(train=False), 48),
+        out=sys.argv[1],
+        controls={"R1111": "R1111 random", "R1211": "R1211 random"},
+        recipe=ms.Recipe(batch_size=32, epochs=1),
+        device="cpu",
+    )
+    study.run(progress=False)
+    """
+)
+
+
+def run_study(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", STUDY_SCRIPT, str(out)], stderr=subprocess.PIPE)
+
+
+def finished_rows(out: Path) -> int:
+    path = out / "study.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_to_the_same_results(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = run_study(killed)
+    deadline = time.time() + 300
+    while finished_rows(killed) == 0 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the study finished before it could be killed; make it bigger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = finished_rows(killed)
+    assert 0 < partial < 8 * 25 + 8 * 6  # some, not all, pairs were written
+    for out in (killed, clean):
+        proc = run_study(out)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()
+
+    def table(out: Path) -> dict:
+        with sqlite3.connect(out / "study.sqlite") as db:
+            rows = db.execute(
+                "SELECT sender, sender_layer, receiver, receiver_layer, objective, accuracy, loss, train_loss, seed "
+                "FROM cells"
+            ).fetchall()
+        return {r[:5]: r[5:] for r in rows}
+
+    resumed, uninterrupted = table(killed), table(clean)
+    # 4 trained pairs + 4 control pairs; R1111 has 5 layers, R1211 has 6
+    assert len(resumed) == len(uninterrupted) == 2 * (25 + 30 + 30 + 36)
+    assert resumed == uninterrupted
+
+
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory):
+    torch.manual_seed(0)
+    train, test = data.digits(), data.digits(train=False)
+    net = zoo.small_resnet("R1111", width=8)
+    recipe = zoo.CLASSIFIER_RECIPE.replace(lr=0.05, batch_size=64, base_batch_size=64, epochs=3, channels_last=False)
+    zoo.train_classifier(net, train, recipe=recipe, device="cpu", progress=False)
+    nets = {"A": net.eval(), "A random": zoo.random_control("R1111", seed=1, width=8)}
+    study = ms.Study(
+        nets,
+        train_data=train,
+        test_data=test,
+        out=tmp_path_factory.mktemp("study"),
+        controls={"A": "A random"},
+        recipe=ms.Recipe(lr=0.05, batch_size=64, base_batch_size=64, epochs=2),
+        device="cpu",
+    )
+    return study.run(progress=False)
+
+
+@pytest.mark.slow
+def test_self_stitch_diagonal_beats_random_controls(trained_pair):
+    trained = np.diag(trained_pair.matrix("A", "A"))
+    control = np.diag(trained_pair.matrix("A random", "A random"))
+    assert not np.isnan(trained).any() and not np.isnan(control).any()
+    assert trained.mean() > control.mean() + 0.3
+    assert (trained[1:] > control[1:]).all()
+
+
+def test_study_outputs_csv_figure_and_reopens(trained_pair):
+    csv_path = trained_pair.to_csv()
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("sender,sender_layer,receiver,receiver_layer,objective")
+    assert len(lines) == 1 + 2 * 25
+    trained_pair.plot()
+    assert (trained_pair.out / "heatmaps.png").stat().st_size > 0
+    reopened = ms.StudyResults.open(trained_pair.out)
+    np.testing.assert_array_equal(reopened.matrix("A", "A"), trained_pair.matrix("A", "A"))
+
+
+def test_rerun_of_a_finished_study_trains_nothing(trained_pair):
+    start = time.perf_counter()
+    trained_pair.run(progress=False)
+    assert time.perf_counter() - start < 5
+
+
+def test_study_refuses_a_different_study_in_the_same_folder(trained_pair):
+    other = ms.Study(
+        trained_pair.models,
+        train_data=trained_pair.train_data,
+        test_data=trained_pair.test_data,
+        out=trained_pair.out,
+        controls=trained_pair.controls,
+        seed=123,
+        device="cpu",
+    )
+    with pytest.raises(ms.StitchError, match="different study"):
+        other.run(progress=False)
+
+
+def test_study_input_errors():
+    nets = {"A": zoo.small_resnet("R1111", width=4)}
+    digits = data.subset(data.digits(), 8)
+    with pytest.raises(ms.StitchError, match="not in models"):
+        ms.Study(nets, train_data=digits, test_data=digits, out="unused", pairs=[("A", "B")])
+    with pytest.raises(ms.StitchError, match="layers="):
+        ms.Study(
+            {"mlp": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10))},
+            train_data=digits,
+            test_data=digits,
+            out="unused",
+        )
+    with pytest.raises(ms.StitchError, match="holds no study"):
+        ms.StudyResults.open("/nonexistent-folder")
+
+
+def test_cell_seeds_are_stable_and_distinct():
+    a = ms.Cell("A", "stem", "B", "stem")
+    b = ms.Cell("A", "stem", "B", "layer1.0")
+    assert a.seed(0) == ms.Cell("A", "stem", "B", "stem").seed(0)
+    assert len({a.seed(0), b.seed(0), a.seed(1)}) == 3
+
+
+def test_cli_help_for_every_command():
+    for argv in (
+        ["--help"],
+        ["layers", "--help"],
+        ["zoo", "train", "--help"],
+        ["study", "run", "--help"],
+        ["study", "plot", "--help"],
+    ):
+        result = subprocess.run([sys.executable, "-m", "modelstitch.cli", *argv], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: modelstitch" in result.stdout
