@@ -14,9 +14,10 @@ from . import zoo
 from ._device import resolve_device
 from ._errors import StitchError
 from ._recipe import Recipe
+from ._store import ResultStore
 from ._study import Study
 
-__all__ = ["PRESETS", "Preset", "load_dataset", "run_preset", "zoo_models"]
+__all__ = ["PRESETS", "Preset", "build_preset_study", "load_dataset", "open_preset_study", "run_preset", "zoo_models"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +149,7 @@ def zoo_models(
     return models, controls
 
 
-def run_preset(
+def build_preset_study(
     name: str,
     *,
     out: str | Path,
@@ -160,24 +161,10 @@ def run_preset(
     download: bool = False,
     progress: bool = True,
 ) -> Study:
-    """Train the zoo of a preset (or reuse it), run its study, write the CSV and heatmaps.
+    """Train (or load from ``out/zoo``) a preset's networks and set up its `Study` without running it.
 
-    Rerunning with the same ``out`` resumes: trained networks and finished
-    cells are reused.
-
-    Args:
-        name: a key of `PRESETS`.
-        out: the run folder.
-        data_root: CIFAR-10 location (not needed for ``quick``).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        seed: seeds the networks, the controls, the data order and every stitch.
-        limit: use only this many training (and test) samples.
-        epochs: override the epochs of both the network and the stitch training.
-        download: let torchvision download CIFAR-10.
-        progress: show progress bars.
-
-    Returns:
-        The finished `Study`.
+    The arguments are those of `run_preset`; they are recorded in the run
+    folder so that `open_preset_study` can set the same study up again.
     """
     if name not in PRESETS:
         raise StitchError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -195,7 +182,64 @@ def run_preset(
     study = Study(
         models, train_data=train, test_data=test, out=out, controls=controls, recipe=recipe, seed=seed, device=dev
     )
-    study.run(progress=progress)
+    settings = {"name": name, "data_root": None if data_root is None else str(data_root), "seed": seed}
+    settings.update({"limit": limit, "epochs": epochs, "dataset": preset.dataset})
+    with ResultStore(study.store_path) as store:
+        store.set_meta("preset", settings)
+    return study
+
+
+def open_preset_study(out: str | Path, *, device: str | torch.device | None = "auto", progress: bool = True) -> Study:
+    """Set up again the study of a run folder made by `run_preset` (networks from ``out/zoo``)."""
+    path = Path(out) / "study.sqlite"
+    if not path.is_file():
+        raise StitchError(f"{out} holds no study ({path} is missing); run `modelstitch study run` first")
+    with ResultStore(path) as store:
+        settings = store.meta("preset")
+    if settings is None:
+        raise StitchError(f"{out} was not made from a preset; set the Study up in Python and pass it instead")
+    return build_preset_study(
+        settings["name"],
+        out=out,
+        data_root=settings["data_root"],
+        device=device,
+        seed=settings["seed"],
+        limit=settings["limit"],
+        epochs=settings["epochs"],
+        progress=progress,
+    )
+
+
+def run_preset(
+    name: str,
+    *,
+    out: str | Path,
+    progress: bool = True,
+    run_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Study:
+    """Train the zoo of a preset (or reuse it), run its study, write the CSV and heatmaps.
+
+    Rerunning with the same ``out`` resumes: trained networks and finished
+    cells are reused.
+
+    Args:
+        name: a key of `PRESETS`.
+        out: the run folder.
+        progress: show progress bars.
+        **options: ``data_root`` (CIFAR-10 location; not needed for ``quick``),
+            ``device``, ``seed`` (networks, controls, data order and every
+            stitch), ``limit`` (use only this many training and test samples),
+            ``epochs`` (override the epochs of both network and stitch
+            training), ``download`` (let torchvision fetch CIFAR-10).
+        run_options: passed to `Study.run` (``executor``, ``address``,
+            ``retry_failed``, ...).
+
+    Returns:
+        The finished `Study`.
+    """
+    study = build_preset_study(name, out=out, progress=progress, **options)
+    study.run(progress=progress, **(run_options or {}))
     study.to_csv()
     study.plot()
     return study

@@ -74,6 +74,10 @@ class ResultStore:
         with self._db:
             self._db.execute(f"CREATE TABLE IF NOT EXISTS cells ({columns}, PRIMARY KEY ({', '.join(KEY_COLUMNS)}))")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS failures (sender TEXT, receiver TEXT, objective TEXT, error TEXT, "
+                "attempts INTEGER, created TEXT, PRIMARY KEY (sender, receiver, objective))"
+            )
 
     def close(self) -> None:
         """Close the connection."""
@@ -91,6 +95,31 @@ class ResultStore:
         values = [tuple(_encode(row.get(c)) for c in CELL_COLUMNS) for row in rows]
         with self._db:
             self._db.executemany(f"INSERT OR REPLACE INTO cells VALUES ({placeholders})", values)
+
+    def add_failure(self, sender: str, receiver: str, objective: str, error: str, attempts: int) -> None:
+        """Record that a pair failed (it is skipped on reruns unless failures are retried)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, datetime('now'))",
+                (sender, receiver, objective, error, attempts),
+            )
+
+    def clear_failure(self, sender: str, receiver: str, objective: str) -> None:
+        """Forget a failure (the pair has now finished)."""
+        with self._db:
+            self._db.execute(
+                "DELETE FROM failures WHERE sender = ? AND receiver = ? AND objective = ?",
+                (sender, receiver, objective),
+            )
+
+    def failures(self, objective: str | None = None) -> list[dict[str, Any]]:
+        """Failed pairs: ``{"sender", "receiver", "objective", "error", "attempts", "created"}``."""
+        sql = "SELECT sender, receiver, objective, error, attempts, created FROM failures"
+        args: tuple = ()
+        if objective is not None:
+            sql, args = sql + " WHERE objective = ?", (objective,)
+        names = ("sender", "receiver", "objective", "error", "attempts", "created")
+        return [dict(zip(names, r)) for r in self._db.execute(sql + " ORDER BY sender, receiver", args)]
 
     def done(self) -> set[tuple[str, str, str, str, str]]:
         """Keys ``(sender, sender_layer, receiver, receiver_layer, objective)`` of finished cells."""

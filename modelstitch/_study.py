@@ -11,6 +11,7 @@ and the cell's names, and each pair always trains the same set of cells.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import zlib
@@ -24,12 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._capture import layer_specs
+from ._checkpoint import load_checkpoint, save_checkpoint
 from ._device import resolve_device
 from ._errors import StitchError
 from ._plot import Panel, plot_heatmaps, plot_pair_grid
 from ._recipe import Recipe
 from ._split import suffix
-from ._stitched import assemble
+from ._stitched import StitchedModel, assemble
 from ._store import ResultStore
 from ._train import evaluate_stitches, train_stitches
 from ._version import __version__
@@ -183,8 +185,20 @@ class Study:
         """Every cell of the study, pair by pair, sender layer then receiver layer."""
         return [cell for pair in self.pairs for cell in self._pair_cells(*pair)]
 
-    def _pair_cells(self, a: str, b: str) -> list[Cell]:
-        return [Cell(a, sl, b, rl, self.objective) for sl in self.layers[a] for rl in self.layers[b]]
+    def _pair_cells(self, a: str, b: str, objective: str | None = None) -> list[Cell]:
+        objective = objective or self.objective
+        return [Cell(a, sl, b, rl, objective) for sl in self.layers[a] for rl in self.layers[b]]
+
+    def sibling(self, *, objective: str | None = None, recipe: Recipe | None = None) -> Study:
+        """The same networks, cells, data and folder with another objective or recipe.
+
+        Its cells are stored beside this study's (the objective is part of each
+        cell's key), e.g. ``study.sibling(objective="mse", recipe=Recipe(epochs=30))``.
+        """
+        twin = copy.copy(self)
+        twin.objective = objective or self.objective
+        twin.recipe = recipe or self.recipe
+        return twin
 
     @property
     def store_path(self) -> Path:
@@ -207,32 +221,108 @@ class Study:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, *, progress: bool = True) -> Study:
+    def run(
+        self,
+        *,
+        progress: bool = True,
+        executor: str = "local",
+        address: str | None = None,
+        max_retries: int = 2,
+        retry_failed: bool = False,
+        cpus_per_task: float = 1,
+    ) -> Study:
         """Train and evaluate every unfinished cell; finished pairs are skipped.
 
+        Args:
+            progress: show a progress bar over cells, with an ETA.
+            executor: ``"local"`` (this process) or ``"ray"`` (each pair a Ray
+                task; needs ``pip install "modelstitch[ray]"``). Either way only
+                this process writes the store, as results arrive.
+            address: the Ray cluster to join (``None``: start a local one).
+            max_retries: Ray retries of a pair whose worker died.
+            retry_failed: also run pairs that failed before (otherwise they are
+                skipped and listed by `failures`).
+            cpus_per_task: CPUs per Ray task.
+
         Returns:
-            ``self``, for chaining (``study.run().matrix(a, b)``).
+            ``self``, for chaining (``study.run().matrix(a, b)``). Pairs that
+            failed are recorded in the store (see `failures`) and do not stop
+            the others.
         """
+        from ._executors import EXECUTORS, PairFailure, run_local, run_ray
+
+        if executor not in EXECUTORS:
+            raise StitchError(f"executor={executor!r}: use one of {EXECUTORS}")
         with ResultStore(self.store_path) as store:
-            saved = store.meta("config")
+            saved = store.meta(f"config:{self.objective}")
             config = self.config()
             if saved is not None and _comparable(saved) != _comparable(config):
                 raise StitchError(
                     f"{self.store_path} holds a different study (its settings differ); "
                     "use another output folder, or delete that file to start over"
                 )
-            store.set_meta("config", config)
+            store.set_meta(f"config:{self.objective}", config)
+            if store.meta("config") is None:
+                store.set_meta("config", config)
             done = store.done()
-            pending = [p for p in self.pairs if any(c.key not in done for c in self._pair_cells(*p))]
+            failed = {(f["sender"], f["receiver"]) for f in store.failures(self.objective)}
+            pending = [
+                p
+                for p in self.pairs
+                if any(c.key not in done for c in self._pair_cells(*p)) and (retry_failed or p not in failed)
+            ]
             total = sum(len(self._pair_cells(*p)) for p in pending)
+            if executor == "ray":
+                outcomes = run_ray(self, pending, address=address, max_retries=max_retries, cpus_per_task=cpus_per_task)
+            else:
+                outcomes = run_local(self._run_pair, pending)
             with tqdm(total=total, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True) as bar:
-                for a, b in pending:
+                for (a, b), outcome in outcomes:
+                    if isinstance(outcome, PairFailure):
+                        store.add_failure(a, b, self.objective, outcome.error, outcome.attempts)
+                        bar.write(f"failed: {a} -> {b}: {outcome.error.splitlines()[-1]}")
+                    else:
+                        rows, weights = outcome
+                        meta = {"sender": a, "receiver": b, "objective": self.objective, "recipe": repr(self.recipe)}
+                        save_checkpoint(self.stitch_path(a, b), weights, meta)
+                        store.add(rows)
+                        store.clear_failure(a, b, self.objective)
                     bar.set_postfix_str(f"{a} -> {b}")
-                    store.add(self._run_pair(a, b))
                     bar.update(len(self._pair_cells(a, b)))
         return self
 
-    def _run_pair(self, a: str, b: str) -> list[dict[str, Any]]:
+    def failures(self) -> list[dict[str, Any]]:
+        """Pairs of this objective that failed: sender, receiver, error, attempts."""
+        with ResultStore(self.store_path) as store:
+            return store.failures(self.objective)
+
+    def stitch_path(self, sender: str, receiver: str, objective: str | None = None) -> Path:
+        """Where the trained stitches of one ordered pair are saved (safetensors)."""
+        return self.out / "stitches" / f"{_slug(sender)}__{_slug(receiver)}__{objective or self.objective}.safetensors"
+
+    def load_cells(self, sender: str, receiver: str, objective: str | None = None) -> dict[Cell, StitchedModel]:
+        """The trained stitched models of one finished pair, rebuilt from the saved stitch weights.
+
+        Returns:
+            ``{cell: stitched model}`` for every cell of the pair, in eval mode.
+
+        Raises:
+            StitchError: the pair has not been run with that objective.
+        """
+        objective = objective or self.objective
+        path = self.stitch_path(sender, receiver, objective)
+        if not path.is_file():
+            raise StitchError(f"no trained stitches for {sender} -> {receiver} ({objective}): {path} is missing")
+        weights, _ = load_checkpoint(path)
+        built = self._build_pair(sender, receiver, objective)
+        out = {}
+        for cell, m in built:
+            prefix = f"{m.sender_layer}->{m.receiver_layer}."
+            m.stitch.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+            out[cell] = m.eval()
+        return out
+
+    def _build_pair(self, a: str, b: str, objective: str) -> list[tuple[Cell, StitchedModel]]:
         sender, receiver = self.models[a].to(self.device), self.models[b].to(self.device)
         example = self.example_input
         if isinstance(example, torch.Tensor):
@@ -240,23 +330,27 @@ class Study:
         specs_a = self._specs(sender, a, example)
         specs_b = self._specs(receiver, b, example)
         suffixes = {rl: suffix(receiver, rl, example_input=example) for rl in self.layers[b]}
-        cells = self._pair_cells(a, b)
-        stitched = []
-        for cell in cells:
+        built = []
+        for cell in self._pair_cells(a, b, objective):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cell.seed(self.seed))
-                stitched.append(
-                    assemble(
-                        sender,
-                        receiver,
-                        specs_a[cell.sender_layer],
-                        specs_b[cell.receiver_layer],
-                        suffixes[cell.receiver_layer],
-                        kind=self.kind,
-                        init=self.init,
-                        init_data=self.train_data if self.init == "lstsq" else None,
-                    )
+                stitched = assemble(
+                    sender,
+                    receiver,
+                    specs_a[cell.sender_layer],
+                    specs_b[cell.receiver_layer],
+                    suffixes[cell.receiver_layer],
+                    kind=self.kind,
+                    init=self.init,
+                    init_data=self.train_data if self.init == "lstsq" else None,
                 )
+            built.append((cell, stitched))
+        return built
+
+    def _run_pair(self, a: str, b: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        built = self._build_pair(a, b, self.objective)
+        cells = [cell for cell, _ in built]
+        stitched = [m for _, m in built]
         start = time.perf_counter()
         init_results = None
         if self.init == "lstsq":
@@ -293,7 +387,12 @@ class Study:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 }
             )
-        return rows
+        weights = {
+            f"{m.sender_layer}->{m.receiver_layer}.{k}": v.detach().cpu()
+            for m in stitched
+            for k, v in m.stitch.state_dict().items()
+        }
+        return rows, weights
 
     def _specs(self, model: nn.Module, name: str, example: Any) -> dict[str, Any]:
         try:
@@ -368,8 +467,16 @@ class StudyResults:
         with ResultStore(self.store_path) as store:
             return store.rows(**where)
 
-    def matrix(self, sender: str, receiver: str, *, value: str = "accuracy") -> np.ndarray:
+    def matrix(
+        self, sender: str, receiver: str, *, value: str = "accuracy", objective: str | None = None
+    ) -> np.ndarray:
         """The similarity matrix of one ordered pair.
+
+        Args:
+            sender: the sender network's name.
+            receiver: the receiver network's name.
+            value: the column to read (``"accuracy"``, ``"loss"``, ``"init_accuracy"``...).
+            objective: whose cells (default: the study's objective).
 
         Returns:
             ``[I, J]`` float array: entry ``[i, j]`` is ``value`` of sender layer
@@ -378,8 +485,8 @@ class StudyResults:
         self._check_name(sender, "matrix")
         self._check_name(receiver, "matrix")
         out = np.full((len(self.layers[sender]), len(self.layers[receiver])), np.nan)
-        for row in self.rows(sender=sender, receiver=receiver, objective=self.objective):
-            if row[value] is not None:
+        for row in self.rows(sender=sender, receiver=receiver, objective=objective or self.objective):
+            if row[value] is not None and row["sender_index"] >= 0 and row["receiver_index"] >= 0:
                 out[row["sender_index"], row["receiver_index"]] = row[value]
         return out
 
@@ -426,6 +533,10 @@ class StudyResults:
             sender_name=f"sender {a}",
             receiver_name=f"receiver {b}",
         )
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _first_input(data: Any) -> Any:

@@ -364,6 +364,7 @@ def evaluate_stitches(
     device: str | torch.device | None = "auto",
     batch_size: int = 256,
     progress: bool = False,
+    num_workers: int = 0,
 ) -> list[dict[str, float]]:
     """Accuracy and mean loss of several classifiers over one pass of ``data``.
 
@@ -375,7 +376,7 @@ def evaluate_stitches(
     """
     dev = resolve_device(device)
     loss_fn = loss_fn or _cross_entropy
-    loader = as_loader(data, batch_size=batch_size, shuffle=False)
+    loader = as_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     stitched = [m for m in models if isinstance(m, StitchedModel)]
     plain = [m for m in models if not isinstance(m, StitchedModel)]
     for m in models:

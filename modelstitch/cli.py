@@ -78,7 +78,7 @@ def _zoo_train(args: argparse.Namespace) -> None:
     print(f"{zoo.architecture_name(args.architecture)}: test accuracy {result['test_accuracy']:.4f}; saved {path}")
 
 
-def _study_run(args: argparse.Namespace) -> None:
+def _study_run(args: argparse.Namespace) -> int:
     from ._presets import run_preset
 
     study = run_preset(
@@ -91,9 +91,19 @@ def _study_run(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         download=args.download,
         progress=not args.quiet,
+        run_options={"executor": args.executor, "address": args.address, "retry_failed": args.retry_failed},
     )
     n = len(study.rows())
     print(f"{n} cells in {study.store_path}; table {study.out / 'cells.csv'}; heatmaps {study.out / 'heatmaps.png'}")
+    failures = study.failures()
+    for f in failures:
+        print(
+            f"failed after {f['attempts']} attempt(s): {f['sender']} -> {f['receiver']}: {f['error'].splitlines()[-1]}"
+        )
+    if failures:
+        print(f"{len(failures)} pair(s) failed; rerun with --retry-failed to try them again", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _study_plot(args: argparse.Namespace) -> None:
@@ -107,6 +117,21 @@ def _study_plot(args: argparse.Namespace) -> None:
     if args.grid:
         results.plot_grid(results.out / "grid")
         print(f"grid of all pairs {results.out / 'grid.png'}")
+
+
+def _study_analyze(args: argparse.Namespace) -> None:
+    from . import analysis
+    from ._presets import open_preset_study
+
+    study = open_preset_study(args.run_dir, device=args.device, progress=not args.quiet)
+    mse_recipe = study.recipe.replace(epochs=args.mse_epochs) if args.mse_epochs else None
+    images = [tuple(args.image_pair)] if args.image_pair else ([] if args.no_images else None)
+    result = analysis.analyze(study, mse_recipe=mse_recipe, images=images, progress=not args.quiet)
+    overall = result["triangle"]["overall"]
+    for kind, s in overall.items():
+        sides = f"{s['lower']:.3f} on or below j/J = i/I, {s['upper']:.3f} above"
+        print(f"{kind}: mean accuracy {sides} (gap {s['gap']:+.3f})")
+    print("wrote " + ", ".join(str(f) for f in result["files"]))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
     run.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10")
     run.add_argument("--epochs", type=float, help="override the epochs of network and stitch training")
+    run.add_argument("--executor", choices=["local", "ray"], default="local", help="run pairs here or as Ray tasks")
+    run.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray)")
+    run.add_argument("--retry-failed", action="store_true", help="run pairs that failed before again")
     _common(run, out_default="runs/quick")
     run.set_defaults(func=_study_run)
 
@@ -157,6 +185,18 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--diagonal", action="store_true", help="draw the j/J = i/I line")
     plot.add_argument("--grid", action="store_true", help="also draw every pair in one grid")
     plot.set_defaults(func=_study_plot)
+
+    analyze = study.add_parser(
+        "analyze",
+        help="the paper's analyses of a preset run: MSE tables, similarity-trained stitches, images, triangle",
+    )
+    analyze.add_argument("run_dir")
+    analyze.add_argument("--mse-epochs", type=float, help="epochs of the MSE-trained stitches (default: the study's)")
+    analyze.add_argument("--image-pair", nargs=2, metavar=("SENDER", "RECEIVER"), help="pair for image generation")
+    analyze.add_argument("--no-images", action="store_true", help="skip image generation")
+    analyze.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyze.set_defaults(func=_study_analyze)
     return parser
 
 
@@ -172,14 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except StitchError as err:
         print(f"modelstitch: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("modelstitch: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
+from ._batches import as_loader, iterate_batches
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._device import resolve_device
 from ._errors import StitchError
 from ._recipe import Recipe
-from .data import loader as make_loader
+from ._train import evaluate
 
 __all__ = [
     "ARCHITECTURES",
@@ -333,62 +334,6 @@ def random_control(blocks: Blocks, *, seed: int, num_classes: int = 10, width: i
 # --------------------------------------------------------------------------- training
 
 
-def _sized_len(data: object, what: str) -> int:
-    try:
-        return len(data)  # type: ignore[arg-type]
-    except TypeError:
-        raise StitchError(f"{what} has no len(); pass a map-style Dataset or a DataLoader over one") from None
-
-
-def _as_loader(
-    data: Dataset[Any] | DataLoader[Any],
-    *,
-    what: str,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    num_workers: int,
-) -> DataLoader[Any]:
-    if isinstance(data, DataLoader):
-        loader = data
-    elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        n = _sized_len(data, what)
-        if n == 0:
-            raise StitchError(f"{what} is empty")
-        loader = make_loader(
-            data,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            num_workers=num_workers,
-            drop_last=shuffle and n > batch_size,
-        )
-    else:
-        raise StitchError(f"{what} must be a torch Dataset or DataLoader yielding (inputs, labels), got {type(data)}")
-    if _sized_len(loader, what) == 0:
-        raise StitchError(f"{what} yields no batches")
-    return loader
-
-
-def _batches(
-    loader: Iterable[Any], device: torch.device, channels_last: bool, what: str
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise StitchError(f"{what} must yield (inputs, labels) pairs, got a {type(batch).__name__}")
-        x, y = batch[0], batch[1]
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise StitchError(
-                f"{what} must yield tensors (inputs, labels), got ({type(x).__name__}, {type(y).__name__})"
-            )
-        non_blocking = device.type == "cuda"
-        if channels_last and x.dim() == 4:
-            x = x.to(device, non_blocking=non_blocking, memory_format=torch.channels_last)
-        else:
-            x = x.to(device, non_blocking=non_blocking)
-        yield x, y.to(device, non_blocking=non_blocking)
-
-
 def train_classifier(
     model: nn.Module,
     train_data: Dataset[Any] | DataLoader[Any],
@@ -442,13 +387,14 @@ def train_classifier(
     if not isinstance(recipe, Recipe):
         raise StitchError(f"train_classifier: recipe must be a modelstitch Recipe, got {type(recipe).__name__}")
     dev = resolve_device(device)
-    train_loader = _as_loader(
+    train_loader = as_loader(
         train_data,
         what="train_data",
         batch_size=recipe.batch_size,
         shuffle=True,
         seed=recipe.seed,
         num_workers=num_workers,
+        drop_last=True,
     )
     if isinstance(train_data, DataLoader) and train_loader.batch_size and train_loader.batch_size != recipe.batch_size:
         recipe = recipe.replace(batch_size=train_loader.batch_size)
@@ -480,7 +426,9 @@ def train_classifier(
             model.train()
             while step < total_steps:
                 loss_sum, count = 0.0, 0
-                for x, y in _batches(train_loader, dev, recipe.channels_last, "train_data"):
+                for x, y in iterate_batches(train_loader, dev, channels_last=recipe.channels_last):
+                    if y is None:
+                        raise StitchError("train_data must yield (inputs, labels) pairs; it yields inputs only")
                     if step >= total_steps:
                         break
                     with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
@@ -548,32 +496,9 @@ def evaluate_classifier(
         >>> sorted(evaluate_classifier(small_resnet("R1111", width=4), data, device="cpu"))
         ['accuracy', 'loss']
     """
-    dev = resolve_device(device)
-    data_loader = _as_loader(
-        data,
-        what="data",
-        batch_size=_check_positive_int(batch_size, "batch_size"),
-        shuffle=False,
-        seed=0,
-        num_workers=num_workers,
+    return evaluate(
+        model, data, device=device, batch_size=_check_positive_int(batch_size, "batch_size"), num_workers=num_workers
     )
-    was_training = model.training
-    model.to(dev)
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    n = 0
-    try:
-        for x, y in _batches(data_loader, dev, False, "data"):
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == y).sum()
-            n += y.numel()
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise StitchError("evaluate_classifier: data yielded no samples")
-    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}
 
 
 # --------------------------------------------------------------------------- files

@@ -168,13 +168,19 @@ def test_cell_seeds_are_stable_and_distinct():
     assert len({a.seed(0), b.seed(0), a.seed(1)}) == 3
 
 
-def test_cli_help_for_every_command():
-    for argv in (
-        ["--help"],
-        ["layers", "--help"],
-        ["zoo", "train", "--help"],
-        ["study", "run", "--help"],
-        ["study", "plot", "--help"],
-    ):
-        result = subprocess.run([sys.executable, "-m", "modelstitch.cli", *argv], capture_output=True, text=True)
-        assert result.returncode == 0 and "usage: modelstitch" in result.stdout
+def test_cli_help_for_every_command(capsys):
+    from modelstitch.cli import main
+
+    commands = [[], ["layers"], ["zoo", "train"], ["study", "run"], ["study", "plot"], ["study", "analyze"]]
+    for argv in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: modelstitch" in capsys.readouterr().out
+
+
+def test_cli_reports_errors_without_a_traceback(capsys, tmp_path):
+    from modelstitch.cli import main
+
+    assert main(["study", "plot", str(tmp_path)]) == 2
+    assert "holds no study results" in capsys.readouterr().err

@@ -261,7 +261,7 @@ def test_train_classifier_rejects_bad_data():
     model = small_resnet("R1111", width=4)
     with pytest.raises(StitchError, match="empty"):
         train_classifier(model, TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0)), device="cpu")
-    with pytest.raises(StitchError, match="Dataset or DataLoader"):
+    with pytest.raises(StitchError, match="Dataset, a DataLoader"):
         train_classifier(model, 42, device="cpu")  # type: ignore[arg-type]
     with pytest.raises(StitchError, match="pairs"):
         train_classifier(model, [torch.zeros(3, 32, 32)] * 4, device="cpu", progress=False)

@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end at tiny sizes and write well-formed results (no speed thresholds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_bench_train_writes_its_json(tmp_path, capsys):
+    bench = _load("bench_train")
+    path = tmp_path / "out" / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        options = {"--device": "cpu", "--samples": "64", "--epochs": "1", "--width": "4", "--batch-size": "16"}
+        options |= {"--repeats": "1", "--threads": "1", "--json": str(path)}
+        argv = [part for pair in options.items() for part in pair]
+        returned = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(path.read_text())
+    assert result == json.loads(json.dumps(returned))
+    for key in ("device", "torch", "cpu_count", "seconds", "ratio_to_floor", "speedup_vs_naive", "peak_memory_mb"):
+        assert key in result, key
+    assert result["device"] == "cpu" and result["torch"] == torch.__version__
+    assert _positive_finite(result["cpu_count"])
+    assert set(result["seconds"]) == {"library", "naive", "floor"}
+    assert all(_positive_finite(v) for v in result["seconds"].values()), result["seconds"]
+    assert _positive_finite(result["ratio_to_floor"]) and _positive_finite(result["speedup_vs_naive"])
+    assert set(result["peak_memory_mb"]) == {"library", "naive", "floor"}
+    assert all(_positive_finite(v) for v in result["peak_memory_mb"].values()), result["peak_memory_mb"]
+    assert result["config"]["steps_per_cell"] == 4
+    assert all(math.isfinite(v) for v in result["mean_loss"]["layer2.0->layer2.0"].values())
+    printed = capsys.readouterr().out
+    assert "ratio_to_floor" in printed and "speedup_vs_naive" in printed
