@@ -57,7 +57,7 @@ PRESETS: dict[str, Preset] = {
             zoo_recipe=zoo.CLASSIFIER_RECIPE.replace(
                 lr=0.05, batch_size=64, base_batch_size=64, epochs=4, channels_last=False
             ),
-            recipe=Recipe(lr=0.05, batch_size=64, base_batch_size=64, epochs=2),
+            recipe=Recipe(lr=0.05, batch_size=64, base_batch_size=64, epochs=4),
         ),
         Preset(
             "paper",

@@ -193,7 +193,7 @@ def suffix(
     reason = "method='hook' was asked for"
     if method != "hook":
         try:
-            graph_module = _cut_graph(model, address, verified=example_input is not None)
+            graph_module = _cut_graph(model, address)
             if example_input is not None:
                 _verify_cut(model, address, graph_module, example_input, output, rtol=rtol, atol=atol)
             return Suffix(model, address, "graph", graph_module, output=output)
@@ -244,7 +244,7 @@ def _indexes_structure(node: fx.Node) -> bool:
     return node.target is operator.getitem and isinstance(node.args[1], (int, str))
 
 
-def _cut_graph(model: nn.Module, address: Address, *, verified: bool) -> fx.GraphModule:
+def _cut_graph(model: nn.Module, address: Address) -> fx.GraphModule:
     tracer = _CutTracer(address.name)
     try:
         graph = tracer.trace(model)
@@ -262,8 +262,8 @@ def _cut_graph(model: nn.Module, address: Address, *, verified: bool) -> fx.Grap
     if index >= len(calls):
         raise StitchError(f"layer {str(address)!r}: module {address.name!r} runs only {len(calls)} time(s)")
     cut = calls[index]
-    if not verified and any(_indexes_structure(user) for user in cut.users):
-        raise _CannotCut("the layer's output is indexed like a tuple or dict; pass example_input to check the cut")
+    if any(_indexes_structure(user) for user in cut.users):
+        raise _CannotCut("the layer's output is indexed like a tuple or dict, which the graph cut does not split")
 
     needed = _needed_nodes(graph, cut)
     # Inputs with defaults (e.g. ``attn_mask=None``) may be read after the cut;

@@ -1,7 +1,7 @@
 """`Study`: every cell (sender, sender layer, receiver, receiver layer) over pairs of networks.
 
-Cells of one ordered pair of networks train together (one pass over the data,
-one activation cache, the receiver's suffix run once per receiver layer) and
+Cells of one ordered pair of networks train together (one pass over the data
+and one activation cache of the sender) and
 their results are written to the `ResultStore` in one transaction. A rerun
 skips finished pairs, so killing the process at any moment loses at most the
 pair in progress, and every cell's result is the same as in an uninterrupted

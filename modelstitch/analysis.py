@@ -441,7 +441,8 @@ def analyze(
     1. The same cells trained with the MSE objective (resumable, in the same store).
     2. Representation distances (EV, ES, SV) and Tables 1/2 as CSV and Markdown.
     3. The similarity-trained accuracy matrices beside the task-trained ones (Figure 5).
-    4. Generated images for ``images`` pairs (default: the first trained pair).
+    4. Generated images for ``images`` pairs (default: the first trained pair), and the
+       accuracy of each image-generating stitched network (CSV).
     5. The triangle summary (CSV and Markdown).
 
     Args:
@@ -484,8 +485,9 @@ def analyze(
     generated = {}
     for a, b in images if images is not None else trained_pairs[:1]:
         path = out / f"images_{_slug(a)}__{_slug(b)}.png"
-        generated[f"{a} -> {b}"] = generate_images(study, a, b, path=path, progress=progress)
-        files.append(path)
+        generated[f"{a} -> {b}"] = accuracies = generate_images(study, a, b, path=path, progress=progress)
+        table = [{"sender_layer": layer, "accuracy": acc} for layer, acc in accuracies.items()]
+        files += [path, _write_csv(path.with_suffix(".csv"), table)]
     triangle = triangle_summary(study)
     files.append(_write_csv(out / "triangle.csv", triangle["pairs"]))
     files.append(_write_text(out / "triangle.md", _triangle_markdown(triangle)))

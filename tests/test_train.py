@@ -185,9 +185,9 @@ def test_same_seed_gives_bitwise_identical_stitches(trained, digits, cache):
 # --------------------------------------------------------------------------- several stitches at once
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_train_stitches_equals_training_each_alone(trained, digits, cache):
-    """Three sender layers into one receiver layer share one suffix pass; each must train as if alone.
+@pytest.mark.parametrize(("cache", "share_suffix"), [(False, False), (True, False), (False, True), (True, True)])
+def test_train_stitches_equals_training_each_alone(trained, digits, cache, share_suffix):
+    """Three sender layers into one receiver layer (sharing one suffix pass or not) each train as if alone.
 
     Measured on CPU: the joint and separate runs agree bitwise; the tolerance allows a different conv algorithm
     for the concatenated batch elsewhere.
@@ -202,7 +202,9 @@ def test_train_stitches_equals_training_each_alone(trained, digits, cache):
         return [_fresh_stitch(model, layer, model, "layer3.0", seed=i) for i, layer in enumerate(senders)]
 
     joint = build()
-    joint_results = ms.train_stitches(joint, sub, recipe=recipe, cache=cache, device=CPU, progress=False)
+    joint_results = ms.train_stitches(
+        joint, sub, recipe=recipe, cache=cache, device=CPU, progress=False, share_suffix=share_suffix
+    )
     alone = build()
     alone_results = [ms.train_stitch(s, sub, recipe=recipe, cache=cache, device=CPU, progress=False) for s in alone]
     for together, single, r_together, r_single in zip(joint, alone, joint_results, alone_results):
