@@ -14,7 +14,7 @@ from . import zoo
 from ._device import resolve_device
 from ._errors import StitchError
 from ._recipe import Recipe
-from ._store import ResultStore
+from ._store import ResultStore, read_run_meta
 from ._study import Study
 
 __all__ = ["PRESETS", "Preset", "build_preset_study", "load_dataset", "open_preset_study", "run_preset", "zoo_models"]
@@ -191,11 +191,7 @@ def build_preset_study(
 
 def open_preset_study(out: str | Path, *, device: str | torch.device | None = "auto", progress: bool = True) -> Study:
     """Set up again the study of a run folder made by `run_preset` (networks from ``out/zoo``)."""
-    path = Path(out) / "study.sqlite"
-    if not path.is_file():
-        raise StitchError(f"{out} holds no study ({path} is missing); run `modelstitch study run` first")
-    with ResultStore(path) as store:
-        settings = store.meta("preset")
+    settings = read_run_meta(out, "preset")
     if settings is None:
         raise StitchError(f"{out} was not made from a preset; set the Study up in Python and pass it instead")
     return build_preset_study(

@@ -15,7 +15,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CELL_COLUMNS", "ResultStore"]
+from ._errors import StitchError
+
+__all__ = ["CELL_COLUMNS", "ResultStore", "read_run_meta"]
 
 KEY_COLUMNS = ("sender", "sender_layer", "receiver", "receiver_layer", "objective")
 CELL_COLUMNS = (
@@ -158,6 +160,19 @@ class ResultStore:
         """A raw transaction, for callers that write several tables at once."""
         with self._db:
             yield self._db
+
+
+def read_run_meta(out: str | Path, key: str) -> Any:
+    """The ``key`` record of the study store in run folder ``out``, or ``None`` if it has none.
+
+    Raises:
+        StitchError: ``out`` holds no ``study.sqlite``.
+    """
+    path = Path(out) / "study.sqlite"
+    if not path.is_file():
+        raise StitchError(f"{out} holds no study results ({path} is missing); run `modelstitch study run` first")
+    with ResultStore(path) as store:
+        return store.meta(key)
 
 
 def _encode(value: Any) -> Any:

@@ -32,7 +32,7 @@ from ._plot import Panel, plot_heatmaps, plot_pair_grid
 from ._recipe import Recipe
 from ._split import suffix
 from ._stitched import StitchedModel, assemble
-from ._store import ResultStore
+from ._store import ResultStore, read_run_meta
 from ._train import evaluate_stitches, train_stitches
 from ._version import __version__
 
@@ -444,13 +444,9 @@ class StudyResults:
     @classmethod
     def open(cls, out: str | Path) -> StudyResults:
         """The results in run folder ``out`` (which holds ``study.sqlite``)."""
-        path = Path(out) / "study.sqlite"
-        if not path.is_file():
-            raise StitchError(f"{out} holds no study results ({path} is missing); run `modelstitch study run` first")
-        with ResultStore(path) as store:
-            config = store.meta("config")
+        config = read_run_meta(out, "config")
         if config is None:
-            raise StitchError(f"{path} has no study settings; it was not written by modelstitch")
+            raise StitchError(f"{out} has no study settings; it was not written by modelstitch")
         return cls(out, config, config.get("pairs", []))
 
     @property
