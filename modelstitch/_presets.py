@@ -158,6 +158,7 @@ def build_preset_study(
     seed: int = 0,
     limit: int | None = None,
     epochs: float | None = None,
+    max_pairs: int | None = None,
     download: bool = False,
     progress: bool = True,
 ) -> Study:
@@ -179,11 +180,23 @@ def build_preset_study(
         preset, out=out, train_data=train_aug, test_data=test, seed=seed, device=dev, epochs=epochs, progress=progress
     )
     recipe = preset.recipe.replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
+    pairs: Any = "all"
+    if max_pairs is not None:
+        trained = [name for name in models if name not in controls.values()]
+        pairs = [(a, b) for a in trained for b in trained][:max_pairs]
     study = Study(
-        models, train_data=train, test_data=test, out=out, controls=controls, recipe=recipe, seed=seed, device=dev
+        models,
+        train_data=train,
+        test_data=test,
+        out=out,
+        pairs=pairs,
+        controls=controls,
+        recipe=recipe,
+        seed=seed,
+        device=dev,
     )
     settings = {"name": name, "data_root": None if data_root is None else str(data_root), "seed": seed}
-    settings.update({"limit": limit, "epochs": epochs, "dataset": preset.dataset})
+    settings.update({"limit": limit, "epochs": epochs, "max_pairs": max_pairs, "dataset": preset.dataset})
     with ResultStore(study.store_path) as store:
         store.set_meta("preset", settings)
     return study
@@ -202,6 +215,7 @@ def open_preset_study(out: str | Path, *, device: str | torch.device | None = "a
         seed=settings["seed"],
         limit=settings["limit"],
         epochs=settings["epochs"],
+        max_pairs=settings.get("max_pairs"),
         progress=progress,
     )
 
@@ -227,7 +241,10 @@ def run_preset(
             ``device``, ``seed`` (networks, controls, data order and every
             stitch), ``limit`` (use only this many training and test samples),
             ``epochs`` (override the epochs of both network and stitch
-            training), ``download`` (let torchvision fetch CIFAR-10).
+            training), ``max_pairs`` (run only the first N ordered pairs of trained
+            networks and their control pairs, to try a preset before the whole
+            of it; rerun without it to add the rest), ``download`` (let
+            torchvision fetch CIFAR-10).
         run_options: passed to `Study.run` (``executor``, ``address``,
             ``retry_failed``, ...).
 

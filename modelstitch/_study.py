@@ -261,9 +261,12 @@ class Study:
                     f"{self.store_path} holds a different study (its settings differ); "
                     "use another output folder, or delete that file to start over"
                 )
-            store.set_meta(f"config:{self.objective}", config)
-            if store.meta("config") is None:
-                store.set_meta("config", config)
+            # a rerun may add pairs (e.g. after a trial on a few): record the union
+            for key in (f"config:{self.objective}", "config"):
+                previous = store.meta(key) or {}
+                pairs = [tuple(p) for p in previous.get("pairs", [])] + [tuple(p) for p in config["pairs"]]
+                base = previous if key == "config" and previous else config
+                store.set_meta(key, {**base, "pairs": [list(p) for p in dict.fromkeys(pairs)]})
             done = store.done()
             failed = {(f["sender"], f["receiver"]) for f in store.failures(self.objective)}
             pending = [
@@ -546,6 +549,7 @@ def _first_input(data: Any) -> Any:
 
 
 def _comparable(config: dict[str, Any]) -> str:
+    """The settings that decide every cell's result (which pairs are run does not)."""
     import json
 
-    return json.dumps(config, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in config.items() if k != "pairs"}, sort_keys=True, default=str)

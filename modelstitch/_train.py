@@ -227,23 +227,25 @@ class _Plan:
                 out.update({key: acts[layer] for key, layer in layers})
         return out
 
-    def losses(self, reps: dict[str, torch.Tensor], x: Any, y: torch.Tensor | None) -> list[torch.Tensor]:
-        """One scalar loss per model."""
-        outs = [m.stitch(reps[k]) for m, k in zip(self.models, self.provided_keys)]
-        if self.objective == "mse":
-            return [F.mse_loss(o.float(), reps[k].float()) for o, k in zip(outs, self.expected_keys)]
-        if y is None:
+    def group_losses(
+        self, reps: dict[str, torch.Tensor], x: Any, y: torch.Tensor | None, amp: torch.autocast
+    ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        """Scalar losses, one suffix group at a time (so each group's graph can be freed before the next)."""
+        if self.objective == "task" and y is None:
             raise StitchError("the 'task' objective needs labels: the data yields inputs only")
-        losses: list[torch.Tensor] = [torch.empty(0)] * len(outs)
         for group in self.suffix_groups:
-            suffix = self.models[group[0]].receiver_suffix
-            joined = torch.cat([outs[i] for i in group]) if len(group) > 1 else outs[group[0]]
-            x_rep = None if not suffix.needs_input else _repeat(x, len(group))
-            result = suffix(joined, x_rep)
-            parts = result.chunk(len(group)) if len(group) > 1 else [result]
-            for i, part in zip(group, parts):
-                losses[i] = self.loss_fn(part, y)
-        return losses
+            with amp:
+                outs = [self.models[i].stitch(reps[self.provided_keys[i]]) for i in group]
+                if self.objective == "mse":
+                    losses = [F.mse_loss(o.float(), reps[self.expected_keys[i]].float()) for o, i in zip(outs, group)]
+                else:
+                    suffix = self.models[group[0]].receiver_suffix
+                    joined = torch.cat(outs) if len(group) > 1 else outs[0]
+                    x_rep = None if not suffix.needs_input else _repeat(x, len(group))
+                    result = suffix(joined, x_rep)
+                    parts = result.chunk(len(group)) if len(group) > 1 else [result]
+                    losses = [self.loss_fn(part, y) for part in parts]
+            yield group, losses
 
 
 def _group(items: dict[str, tuple[nn.Module, str]]) -> dict[int, tuple[nn.Module, list[tuple[str, str]]]]:
@@ -346,10 +348,15 @@ def _optimise(
         with tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar:
             for step in range(total):
                 reps, x, y = next(batches)
-                with _autocast(recipe, dev):
-                    losses = plan.losses(reps, x, y)
-                stacked = torch.stack([loss.float() for loss in losses])
-                values = stacked.detach().double().cpu()
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                # backward group by group: only one group's autograd graph is alive at a time
+                detached = torch.empty(len(stitches), dtype=torch.float32, device=dev)
+                for group, losses in plan.group_losses(reps, x, y, _autocast(recipe, dev)):
+                    stacked = torch.stack([loss.float() for loss in losses])
+                    detached[group] = stacked.detach()
+                    scaler.scale(stacked.sum()).backward()
+                values = detached.double().cpu()
                 if not torch.isfinite(values).all():
                     bad = int((~torch.isfinite(values)).nonzero()[0])
                     m = plan.models[bad]
@@ -358,9 +365,6 @@ def _optimise(
                         f"{type(m.sender).__name__}[{m.sender_layer!r}] -> {type(m.receiver).__name__}"
                         f"[{m.receiver_layer!r}]; lower the learning rate, set Recipe(grad_clip=...), or check the data"
                     )
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                scaler.scale(stacked.sum()).backward()
                 for s, opt, sched in zip(stitches, optimizers, schedulers):
                     if recipe.grad_clip is not None:
                         scaler.unscale_(opt)

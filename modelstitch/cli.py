@@ -89,6 +89,7 @@ def _study_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         limit=args.limit,
         epochs=args.epochs,
+        max_pairs=args.max_pairs,
         download=args.download,
         progress=not args.quiet,
         run_options={"executor": args.executor, "address": args.address, "retry_failed": args.retry_failed},
@@ -174,6 +175,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
     run.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10")
     run.add_argument("--epochs", type=float, help="override the epochs of network and stitch training")
+    run.add_argument(
+        "--max-pairs",
+        type=int,
+        help="only the first N ordered pairs (and their controls); rerun without it to add the rest",
+    )
     run.add_argument("--executor", choices=["local", "ray"], default="local", help="run pairs here or as Ray tasks")
     run.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray)")
     run.add_argument("--retry-failed", action="store_true", help="run pairs that failed before again")

@@ -184,3 +184,27 @@ def test_cli_reports_errors_without_a_traceback(capsys, tmp_path):
 
     assert main(["study", "plot", str(tmp_path)]) == 2
     assert "holds no study results" in capsys.readouterr().err
+
+
+def test_a_study_can_grow_by_pairs_in_the_same_folder(tmp_path):
+    nets = {"A": zoo.small_resnet("R1111", width=4), "B": zoo.small_resnet("R1111", width=4)}
+    digits = data.subset(data.digits(), 32)
+
+    def study(pairs):
+        return ms.Study(
+            nets,
+            train_data=digits,
+            test_data=digits,
+            out=tmp_path,
+            pairs=pairs,
+            recipe=ms.Recipe(batch_size=32, epochs=1),
+            device="cpu",
+        )
+
+    first = study([("A", "B")]).run(progress=False)
+    before = {(r["sender_layer"], r["receiver_layer"]): r["created"] for r in first.rows(sender="A", receiver="B")}
+    grown = study("all").run(progress=False)
+    assert len(grown.rows()) == 4 * 25
+    after = {(r["sender_layer"], r["receiver_layer"]): r["created"] for r in grown.rows(sender="A", receiver="B")}
+    assert after == before  # the first pair was not trained again
+    assert set(ms.StudyResults.open(tmp_path).pairs) == {("A", "B"), ("A", "A"), ("B", "A"), ("B", "B")}
