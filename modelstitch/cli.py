@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -222,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StitchError as err:
         print(f"modelstitch: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `modelstitch layers resnet18 | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("modelstitch: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
