@@ -109,8 +109,7 @@ def parse_address(model: nn.Module, layer: str) -> Address:
         if call is not None:
             raise StitchError(f"layer {layer!r}: 'input' takes no call index")
         return Address(INPUT)
-    modules = dict(model.named_modules())
-    if name not in modules or not name:
+    if not name or not _has_submodule(model, name):
         valid = list_layers(model)
         close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
         hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
@@ -119,6 +118,15 @@ def parse_address(model: nn.Module, layer: str) -> Address:
             "modelstitch.list_layers(model) lists every valid name."
         )
     return Address(name, call)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    # walks the dotted path only: cheap enough for every forward of a prefix
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def select_output(output: Any, selector: OutputSelector = None, *, layer: str = "?") -> torch.Tensor:
@@ -390,17 +398,16 @@ class _Recorder:
 
     def attach(self) -> None:
         self.pending = {str(a) for a in self.addresses}
-        modules = dict(self.model.named_modules())
         self.handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         by_module: dict[str, list[Address]] = {}
         for address in self.addresses:
             if not address.is_input:
                 by_module.setdefault(address.name, []).append(address)
         for name, wanted in by_module.items():
-            self.handles.append(modules[name].register_forward_hook(self._module_hook(name, wanted)))
+            self.handles.append(self.model.get_submodule(name).register_forward_hook(self._module_hook(name, wanted)))
             parent = name.rpartition(".")[0]
             if self.stop and parent and any(a.call is None for a in wanted):
-                self.handles.append(modules[parent].register_forward_hook(self._parent_hook(name)))
+                self.handles.append(self.model.get_submodule(parent).register_forward_hook(self._parent_hook(name)))
 
     def detach(self) -> None:
         while self.handles:

@@ -327,7 +327,6 @@ def _verify_cut(
 
 
 def _run_replacing(model: nn.Module, address: Address, new: torch.Tensor, model_input: Any, output: OutputSelector):
-    modules = dict(model.named_modules())
     seen = [0]
 
     def hook(module: nn.Module, args: tuple, out: Any) -> Any:
@@ -345,7 +344,7 @@ def _run_replacing(model: nn.Module, address: Address, new: torch.Tensor, model_
             return replace_output(out, output, new, layer=str(address))
         return None
 
-    handle = modules[address.name].register_forward_hook(hook)
+    handle = model.get_submodule(address.name).register_forward_hook(hook)
     try:
         return call_model(model, model_input)
     finally:

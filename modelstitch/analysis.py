@@ -30,7 +30,7 @@ from ._plot import Panel, plot_heatmaps
 from ._recipe import Recipe
 from ._stitched import stitch as make_stitched
 from ._store import ResultStore
-from ._study import Study, StudyResults
+from ._study import Study, StudyResults, _slug
 from ._train import evaluate_stitches, train_stitches
 
 __all__ = [
@@ -420,10 +420,6 @@ def _save_image_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], path: Path,
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 # ----------------------------------------------------------------------------- everything
