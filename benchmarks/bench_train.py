@@ -147,7 +147,7 @@ class Cell:
         """``"sender_layer->receiver_layer"``."""
         return f"{self.sender_layer}->{self.receiver_layer}"
 
-    def fresh_stitch(self) -> ms.Stitch:
+    def fresh_stitch(self) -> ms.stitches.Stitch:
         stitch = copy.deepcopy(self.template.stitch)
         stitch.load_state_dict(self.initial)
         return stitch.to(self.device).train()
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns what ``--json`` writes."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = ms.resolve_device(args.device)
+    device = ms.core.resolve_device(args.device)
     torch.manual_seed(0)
     sender = zoo.small_resnet("R1111", width=args.width).to(device).eval()
     receiver = zoo.small_resnet("R1211", width=args.width).to(device).eval()

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 images, 8 steps per direction")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     args = parser.parse_args()
-    device = ms.resolve_device(args.device)
+    device = ms.core.resolve_device(args.device)
     start = time.perf_counter()
 
     torch.manual_seed(0)

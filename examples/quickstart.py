@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 512-sample subset and fewer epochs")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     args = parser.parse_args()
-    device = ms.resolve_device(args.device)
+    device = ms.core.resolve_device(args.device)
     start = time.perf_counter()
 
     train, test = data.digits(train=True), data.digits(train=False)

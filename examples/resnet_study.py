@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 to --data-root")
     args = parser.parse_args()
     args.out = args.out or ("runs/example-quick" if args.quick else "runs/example-paper")
-    device = ms.resolve_device(args.device)
+    device = ms.core.resolve_device(args.device)
     start = time.perf_counter()
 
     train_aug, train, test = load_data(args)

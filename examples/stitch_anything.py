@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="accepted for symmetry with the other examples")
     args = parser.parse_args()
-    device = ms.resolve_device(args.device)
+    device = ms.core.resolve_device(args.device)
 
     a = torchvision.models.resnet18(num_classes=10).to(device)
     b = torchvision.models.resnet18(num_classes=10).to(device)

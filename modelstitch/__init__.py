@@ -5,6 +5,11 @@ trainable *stitch*, feed the result into a frozen *receiver* in place of one
 of its layers, train only the stitch, and read the stitched network's
 accuracy.
 
+The top level holds the names most users call, grouped by layer below; the
+rest lives in the layer's subpackage (`modelstitch.core`, `.stitches`,
+`.train`, `.study`, `.analysis`, `.metrics`, `.zoo`, `.data`). Names are
+loaded on first use, so ``import modelstitch`` is cheap.
+
 Examples:
     >>> import torch, torchvision, modelstitch as ms
     >>> a = torchvision.models.resnet18(num_classes=10)
@@ -14,62 +19,92 @@ Examples:
     torch.Size([4, 10])
 """
 
-from . import data, zoo
-from ._cache import ActivationCache
-from ._capture import Activations, activations, capture, layer_specs, list_layers, select_output
-from ._checkpoint import load_checkpoint, save_checkpoint
-from ._device import resolve_device
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
 from ._errors import StitchError
-from ._lstsq import LeastSquares, fit_least_squares
-from ._presets import PRESETS, run_preset
-from ._recipe import Recipe
-from ._spec import ActivationSpec
-from ._split import Prefix, Suffix, prefix, suffix
-from ._stitched import StitchedModel, stitch
-from ._stitches import STITCH_KINDS, Stitch, make_stitch
-from ._store import ResultStore
-from ._study import Cell, Study, StudyResults
-from ._train import TrainResult, evaluate, evaluate_stitches, stitching_penalty, train_stitch, train_stitches
 from ._version import __version__
 
-__all__ = [
-    "PRESETS",
-    "Cell",
-    "ResultStore",
-    "Study",
-    "StudyResults",
-    "run_preset",
-    "ActivationCache",
-    "LeastSquares",
-    "TrainResult",
-    "evaluate",
-    "evaluate_stitches",
-    "fit_least_squares",
-    "stitching_penalty",
-    "train_stitch",
-    "train_stitches",
-    "STITCH_KINDS",
-    "ActivationSpec",
-    "Activations",
-    "Prefix",
-    "Recipe",
-    "Stitch",
-    "StitchError",
-    "StitchedModel",
-    "Suffix",
-    "__version__",
-    "activations",
-    "capture",
-    "data",
-    "layer_specs",
-    "list_layers",
-    "load_checkpoint",
-    "make_stitch",
-    "prefix",
-    "resolve_device",
-    "save_checkpoint",
-    "select_output",
-    "stitch",
-    "suffix",
-    "zoo",
-]
+if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers and IDEs
+    from . import analysis, core, data, stitches, study, train, zoo  # noqa: F401
+    from .core import ActivationSpec, activations, capture, layer_specs, list_layers, prefix, suffix  # noqa: F401
+    from .stitches import StitchedModel, fit_least_squares, make_stitch, stitch  # noqa: F401
+    from .study import Study, StudyResults, run_preset  # noqa: F401
+    from .train import Recipe, evaluate, stitching_penalty, train_stitch, train_stitches  # noqa: F401
+
+_PUBLIC: dict[str, str] = {
+    # layer 1, addressing and capture
+    "ActivationSpec": "core",
+    "activations": "core",
+    "capture": "core",
+    "layer_specs": "core",
+    "list_layers": "core",
+    "prefix": "core",
+    "suffix": "core",
+    # layer 2, stitches
+    "StitchedModel": "stitches",
+    "fit_least_squares": "stitches",
+    "make_stitch": "stitches",
+    "stitch": "stitches",
+    # layer 3, training
+    "Recipe": "train",
+    "evaluate": "train",
+    "stitching_penalty": "train",
+    "train_stitch": "train",
+    "train_stitches": "train",
+    # layer 5, studies
+    "Study": "study",
+    "StudyResults": "study",
+    "run_preset": "study",
+}
+
+_SUBPACKAGES = ("analysis", "core", "data", "stitches", "study", "train", "zoo")
+
+# Names that were top-level before 0.2: still importable, with a DeprecationWarning, until 0.3.
+_DEPRECATED: dict[str, str] = {
+    "Activations": "core",
+    "Prefix": "core",
+    "Suffix": "core",
+    "resolve_device": "core",
+    "select_output": "core",
+    "load_checkpoint": "core",
+    "save_checkpoint": "core",
+    "STITCH_KINDS": "stitches",
+    "Stitch": "stitches",
+    "LeastSquares": "stitches",
+    "ActivationCache": "train",
+    "TrainResult": "train",
+    "evaluate_stitches": "train",
+    "PRESETS": "study",
+    "Cell": "study",
+    "ResultStore": "study",
+}
+
+# The subpackages (`ms.core`, `ms.study`, ...) load on first use too; they are modules, not names in __all__.
+__all__ = ["StitchError", "__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _DEPRECATED:
+        where = f"modelstitch.{_DEPRECATED[name]}"
+        warnings.warn(
+            f"modelstitch.{name} moved to {where}.{name}; the top-level name goes away in 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(where), name)
+    else:
+        raise AttributeError(f"module 'modelstitch' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBPACKAGES])

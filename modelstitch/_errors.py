@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StitchError"]
+__all__ = ["StitchError", "first_line"]
 
 
 class StitchError(ValueError):
@@ -13,3 +13,9 @@ class StitchError(ValueError):
     :class:`ValueError`, so code that already catches bad arguments keeps
     working.
     """
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), for wrapping it."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

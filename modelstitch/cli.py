@@ -24,10 +24,11 @@ def _layers(args: argparse.Namespace) -> None:
     import torch
 
     from . import zoo
-    from ._capture import layer_specs
+    from .core import layer_specs
 
     model = _build_model(args.model, args.num_classes)
-    specs = layer_specs(model, torch.randn(1, *args.input_size))
+    input_size = args.input_size or _input_size(model)
+    specs = layer_specs(model, torch.randn(1, *input_size))
     paper = set()
     with contextlib.suppress(StitchError):
         paper = set(zoo.layer_names(model))
@@ -59,10 +60,17 @@ def _build_model(name: str, num_classes: int):
     raise StitchError(f"unknown model {name!r}: give a small ResNet (R1211), a torchvision or a timm model name")
 
 
+def _input_size(model) -> tuple[int, ...]:
+    """C H W of one input: timm's ``pretrained_cfg["input_size"]`` when the model has one, else 3 x 32 x 32."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if size else (3, 32, 32)
+
+
 def _zoo_train(args: argparse.Namespace) -> None:
     from . import zoo
-    from ._device import resolve_device
-    from ._presets import load_dataset
+    from .core import resolve_device
+    from .study import load_dataset
 
     recipe = zoo.CLASSIFIER_RECIPE.replace(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
     train = load_dataset(args.data, train=True, root=args.data_root, augment=True, download=args.download)
@@ -80,7 +88,7 @@ def _zoo_train(args: argparse.Namespace) -> None:
 
 
 def _study_run(args: argparse.Namespace) -> int:
-    from ._presets import run_preset
+    from .study import run_preset
 
     study = run_preset(
         args.preset,
@@ -109,7 +117,7 @@ def _study_run(args: argparse.Namespace) -> int:
 
 
 def _study_plot(args: argparse.Namespace) -> None:
-    from ._study import StudyResults
+    from .study import StudyResults
 
     results = StudyResults.open(args.run_dir)
     path = results.out / "heatmaps"
@@ -123,7 +131,7 @@ def _study_plot(args: argparse.Namespace) -> None:
 
 def _study_analyze(args: argparse.Namespace) -> None:
     from . import analysis
-    from ._presets import open_preset_study
+    from .study import open_preset_study
 
     study = open_preset_study(args.run_dir, device=args.device, progress=not args.quiet)
     mse_recipe = study.recipe.replace(epochs=args.mse_epochs) if args.mse_epochs else None
@@ -137,8 +145,8 @@ def _study_analyze(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._presets import PRESETS
     from ._version import __version__
+    from .study._presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="modelstitch", description="Model stitching studies from the command line.")
     parser.add_argument("--version", action="version", version=f"modelstitch {__version__}")
@@ -146,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser("layers", help="list a model's layers and their output shapes")
     layers.add_argument("model", help="a small ResNet (R1211), a torchvision name (resnet18) or a timm name")
-    layers.add_argument("--input-size", type=int, nargs="+", default=[3, 32, 32], help="C H W of one input")
+    layers.add_argument(
+        "--input-size", type=int, nargs="+", help="C H W of one input (default: timm's input size, else 3 32 32)"
+    )
     layers.add_argument("--num-classes", type=int, default=10)
     layers.set_defaults(func=_layers)
 

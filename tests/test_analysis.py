@@ -8,7 +8,7 @@ import torch
 
 import modelstitch as ms
 from modelstitch import analysis, data, zoo
-from modelstitch._store import ResultStore
+from modelstitch.study import ResultStore
 
 
 def test_per_sample_mse_by_hand():

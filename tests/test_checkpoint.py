@@ -1,4 +1,4 @@
-"""Tests for modelstitch._checkpoint: safetensors files with JSON metadata."""
+"""Tests for modelstitch.core._checkpoint: safetensors files with JSON metadata."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from modelstitch._checkpoint import CHECKPOINT_FORMAT, METADATA_KEY, load_checkpoint, save_checkpoint
 from modelstitch._errors import StitchError
 from modelstitch._version import __version__
+from modelstitch.core._checkpoint import CHECKPOINT_FORMAT, METADATA_KEY, load_checkpoint, save_checkpoint
 
 
 def _state() -> dict[str, torch.Tensor]:

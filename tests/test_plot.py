@@ -7,7 +7,7 @@ import pytest
 from matplotlib.lines import Line2D
 
 from modelstitch import StitchError
-from modelstitch._plot import Panel, plot_heatmaps, plot_pair_grid
+from modelstitch.study._plot import Panel, plot_heatmaps, plot_pair_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

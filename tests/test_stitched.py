@@ -73,7 +73,7 @@ def test_modes_and_flags_restored_when_the_forward_raises():
     a, b = resnets()
     a.train()
     stitched = ms.stitch(a, "layer1.0", b, "layer1.0", example_input=torch.randn(2, 3, 32, 32))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ms.StitchError, match=r"cell ResNet\['layer1.0'\] -> ResNet\['layer1.0'\].*5 channels"):
         stitched(torch.randn(2, 5, 32, 32))  # wrong channel count
     assert all(m.training for m in a.modules())
     assert all(p.requires_grad for p in [*a.parameters(), *b.parameters()])

@@ -1,4 +1,4 @@
-"""Tests for `modelstitch._stitches`: shape rules, kinds, init, prefix tokens, errors."""
+"""Tests for `modelstitch.stitches`: shape rules, kinds, init, prefix tokens, errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from modelstitch._errors import StitchError
-from modelstitch._spec import ActivationSpec
-from modelstitch._stitches import STITCH_KINDS, Stitch, make_stitch
+from modelstitch.core import ActivationSpec
+from modelstitch.stitches import STITCH_KINDS, Stitch, make_stitch
 
 
 @pytest.fixture(autouse=True, scope="module")

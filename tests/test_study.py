@@ -162,9 +162,9 @@ def test_study_input_errors():
 
 
 def test_cell_seeds_are_stable_and_distinct():
-    a = ms.Cell("A", "stem", "B", "stem")
-    b = ms.Cell("A", "stem", "B", "layer1.0")
-    assert a.seed(0) == ms.Cell("A", "stem", "B", "stem").seed(0)
+    a = ms.study.Cell("A", "stem", "B", "stem")
+    b = ms.study.Cell("A", "stem", "B", "layer1.0")
+    assert a.seed(0) == ms.study.Cell("A", "stem", "B", "stem").seed(0)
     assert len({a.seed(0), b.seed(0), a.seed(1)}) == 3
 
 

@@ -232,51 +232,37 @@ def test_cache_on_disk_equals_cache_in_memory_bitwise(trained, digits):
 
 
 def test_cache_equals_live_training_with_full_batches(trained, digits):
-    """The cached and live paths draw batches in different orders; with one full batch per step order is moot."""
+    """The cached and live paths draw batches in different orders; with one full batch per step order is moot.
+
+    The two paths sum each step's gradient over the same 128 samples in different orders, so they agree
+    only up to rounding. Run in float64 the rounding is ~1e-16 relative per operation; over 5 steps of
+    sums of 8,192 terms it stays below 1e-13, far under the 1e-10 allowed (in float32 the same run
+    differs by up to 2e-5, which is why the test runs in float64).
+    """
     tr, _ = digits
-    model = trained[0]
-    sub = Subset(tr, range(128))
+    model = copy.deepcopy(trained[0]).double()
+    x, y = tr[:128]
+    sub = TensorDataset(x.double(), y)
     recipe = ms.Recipe(lr=0.05, batch_size=128, base_batch_size=128, epochs=5, warmup=0.0)
     runs = []
     for cache in (True, False):
-        stitched = _fresh_stitch(model, "layer2.0", model, "layer3.0")
-        result = ms.train_stitch(stitched, sub, recipe=recipe, cache=cache, device=CPU, progress=False)
-        runs.append((_weights(stitched), result))
-    for key, value in runs[1][0].items():
-        torch.testing.assert_close(runs[0][0][key], value, rtol=1e-5, atol=1e-6)  # measured: 7e-8
-    assert runs[0][1].epoch_losses == pytest.approx(runs[1][1].epoch_losses, rel=1e-5)
-
-
-@pytest.mark.parametrize("budget", [0, 10_000, 2 * 1024**3])
-def test_activation_cache_gathers_in_index_order(tmp_path, budget):
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(10, 3, 4, generator=g)  # 480 bytes: in RAM with the 10 kB budget
-    b = torch.randint(0, 100, (10,), generator=g)
-    c = torch.randn(10, 40, 40, generator=g)  # 64 kB: on disk unless the budget is large
-    with ms.ActivationCache(10, memory_budget=budget, directory=tmp_path) as cache:
-        for start in (0, 4, 8):
-            for key, value in (("a", a), ("b", b), ("c", c)):
-                cache.write(key, start, value[start : start + 4])
-        assert cache.rows == 10 and "a" in cache and "z" not in cache
-        index = torch.tensor([7, 0, 9, 3, 3, 5])
-        for key, value in (("a", a), ("b", b), ("c", c)):
-            got = cache.gather(key, index)
-            assert got.dtype == value.dtype and torch.equal(got, value[index])
-        on_disk = list(tmp_path.rglob("*.npy"))
-        expected_files = {0: 3, 10_000: 1, 2 * 1024**3: 0}[budget]
-        assert len(on_disk) == expected_files
-        assert cache.bytes_on_disk + cache.bytes_in_memory == a.nbytes + b.nbytes + c.nbytes
-    assert not list(tmp_path.rglob("*")), "close() must delete the spilled files and their folder"
+        torch.manual_seed(0)
+        stitched = ms.stitch(model, "layer2.0", model, "layer3.0", example_input=x[:2].double())
+        ms.train_stitch(stitched, sub, recipe=recipe, cache=cache, device=CPU, progress=False)
+        runs.append(_weights(stitched))
+    for key, value in runs[1].items():
+        assert value.dtype == torch.float64
+        torch.testing.assert_close(runs[0][key], value, rtol=0, atol=1e-10)
 
 
 def test_activation_cache_rejects_overflow(tmp_path):
-    with ms.ActivationCache(4, memory_budget=0, directory=tmp_path) as cache:
+    with ms.train.ActivationCache(4, memory_budget=0, directory=tmp_path) as cache:
         cache.write("a", 0, torch.zeros(3, 2))
         with pytest.raises(ms.StitchError, match="overflow"):
             cache.write("a", 2, torch.zeros(3, 2))
     assert not list(Path(tmp_path).iterdir())
     with pytest.raises(ms.StitchError):
-        ms.ActivationCache(0)
+        ms.train.ActivationCache(0)
 
 
 # --------------------------------------------------------------------------- data forms
@@ -436,7 +422,7 @@ def test_least_squares_recovers_an_exact_linear_map(provided, expected, truth):
     torch.manual_seed(0)
     true = truth()
     stitch = ms.make_stitch(provided, expected)
-    fit = ms.LeastSquares(stitch)
+    fit = ms.stitches.LeastSquares(stitch)
     xs = [torch.randn(16, *provided) for _ in range(3)]
     for x in xs:  # streamed over batches: the normal equations add up exactly
         with torch.no_grad():
@@ -484,9 +470,9 @@ def test_lstsq_needs_init_data_and_a_linear_stitch(trained, digits):
     with pytest.raises(ms.StitchError, match="kind 'linear'"):
         ms.stitch(model, "layer3.0", model, "layer3.0", example_input=x, kind="mlp", init="lstsq", init_data=tr)
     with pytest.raises(ms.StitchError, match="kind 'linear'"):
-        ms.LeastSquares(ms.make_stitch((4, 2, 2), (4, 2, 2), kind="mlp"))
+        ms.stitches.LeastSquares(ms.make_stitch((4, 2, 2), (4, 2, 2), kind="mlp"))
     with pytest.raises(ms.StitchError, match="saw no data"):
-        ms.LeastSquares(ms.make_stitch((4, 2, 2), (4, 2, 2))).solve()
+        ms.stitches.LeastSquares(ms.make_stitch((4, 2, 2), (4, 2, 2))).solve()
 
 
 # --------------------------------------------------------------------------- a self-stitch from random init
@@ -533,7 +519,7 @@ def test_evaluate_stitches_equals_evaluating_each(trained, digits):
     _, te = digits
     model = trained[0]
     models = [_fresh_stitch(model, layer, model, "layer3.0", seed=i) for i, layer in enumerate(LAYERS[1:4])]
-    together = ms.evaluate_stitches([*models, model], te, device=CPU)
+    together = ms.train.evaluate_stitches([*models, model], te, device=CPU)
     for m, result in zip([*models, model], together):
         alone = ms.evaluate(m, te, device=CPU)
         assert result["accuracy"] == alone["accuracy"]
@@ -574,4 +560,4 @@ def test_train_result_reports_steps_losses_and_time():
     assert result.steps == 10 and len(result.epoch_losses) == 3 and result.seconds > 0
     assert result.final_loss == result.epoch_losses[-1]
     assert ms.train_stitches([], _tiny_data()) == []
-    assert math.isnan(ms.TrainResult([], 0, 0.0, "task").final_loss)
+    assert math.isnan(ms.train.TrainResult([], 0, 0.0, "task").final_loss)

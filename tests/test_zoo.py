@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from modelstitch._checkpoint import load_checkpoint, save_checkpoint
 from modelstitch._errors import StitchError
+from modelstitch.core._checkpoint import load_checkpoint, save_checkpoint
 from modelstitch.data import digits
 from modelstitch.zoo import (
     ARCHITECTURES,

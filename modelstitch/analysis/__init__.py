@@ -1,0 +1,128 @@
+"""The paper's analyses of a study: triangle statistics, representation distances, images.
+
+- `triangle_summary`: mean stitched accuracy below and above the line
+  ``j/J = i/I`` (layer positions normalised by each network's length), per
+  pair and overall, for trained pairs and random controls.
+- `representation_distances`: per cell, the mean squared error between the
+  expected representation ``B<=j(x)`` and the task-trained ("vanilla") stitch's
+  output (EV), the MSE-trained stitch's output (ES), and between the two
+  stitches (SV); `distance_tables` aggregates them (Tables 1 and 2).
+- `generate_images`: stitch every sender layer into the receiver's
+  ``"input"`` and save the generated images beside the originals (Figure 6).
+- `analyze`: all of it for a study, written to ``out/analysis/`` and to the
+  study's SQLite store (resumable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .._errors import StitchError
+from ..core import write_text
+from ..study import Study
+from ..study._results import slug
+from ..train import Recipe
+from ._distances import (
+    METRICS,
+    DistanceStats,
+    distance_tables,
+    per_sample_mse,
+    representation_distances,
+    tables_markdown,
+)
+from ._images import generate_images
+from ._triangle import triangle_markdown, triangle_summary
+
+__all__ = [
+    "METRICS",
+    "DistanceStats",
+    "analyze",
+    "distance_tables",
+    "generate_images",
+    "per_sample_mse",
+    "representation_distances",
+    "tables_markdown",
+    "triangle_markdown",
+    "triangle_summary",
+]
+
+
+def analyze(
+    study: Study,
+    *,
+    mse_recipe: Recipe | None = None,
+    images: Sequence[tuple[str, str]] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the paper's analyses on a (finished) task study; write everything to ``out/analysis/``.
+
+    1. The same cells trained with the MSE objective (resumable, in the same store).
+    2. Representation distances (EV, ES, SV) and Tables 1/2 as CSV and Markdown.
+    3. The similarity-trained accuracy matrices beside the task-trained ones (Figure 5).
+    4. Generated images for ``images`` pairs (default: the first trained pair), and the
+       accuracy of each image-generating stitched network (CSV).
+    5. The triangle summary (CSV and Markdown).
+
+    Args:
+        study: a `Study` with ``objective="task"``.
+        mse_recipe: recipe of the MSE-trained stitches (the paper trained them
+            for 30 epochs against 4); default: the study's.
+        images: ``(sender, receiver)`` pairs for image generation.
+        progress: show progress.
+
+    Returns:
+        ``{"tables": ..., "triangle": ..., "images": {...}, "files": [...]}``.
+    """
+    if study.objective != "task":
+        raise StitchError("analyze() takes the task-objective study; it trains the MSE-objective cells itself")
+    study.run(progress=progress)
+    out = study.out / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    mse = study.sibling(objective="mse", recipe=mse_recipe or study.recipe)
+    mse.run(progress=progress)
+    rows = representation_distances(study, mse, study.test_data, progress=progress)
+    tables = distance_tables(rows)
+    files = [write_text(out / "mse_tables.md", tables_markdown(tables)), _write_csv(out / "mse_cells.csv", rows)]
+    from ..study._plot import Panel, plot_heatmaps  # matplotlib loads only here
+
+    control_names = set(study.controls.values())
+    trained_pairs = [(a, b) for a, b in study.pairs if a not in control_names]
+    panels = []
+    for a, b in trained_pairs:
+        for objective in ("task", "mse"):
+            panels.append(
+                Panel(
+                    title=f"{a} → {b} ({'task' if objective == 'task' else 'MSE'}-trained)",
+                    matrix=study.results.matrix(a, b, objective=objective),
+                    sender_labels=[str(i) for i in range(len(study.layers[a]))],
+                    receiver_labels=[str(j) for j in range(len(study.layers[b]))],
+                    sender_name=f"sender {a}",
+                    receiver_name=f"receiver {b}",
+                )
+            )
+    plot_heatmaps(panels, out / "similarity_trained", columns=2)
+    files += [out / "similarity_trained.png", out / "similarity_trained.svg"]
+    generated = {}
+    for a, b in images if images is not None else trained_pairs[:1]:
+        path = out / f"images_{slug(a)}__{slug(b)}.png"
+        generated[f"{a} -> {b}"] = accuracies = generate_images(study, a, b, path=path, progress=progress)
+        table = [{"sender_layer": layer, "accuracy": acc} for layer, acc in accuracies.items()]
+        files += [path, _write_csv(path.with_suffix(".csv"), table)]
+    triangle = triangle_summary(study)
+    files.append(_write_csv(out / "triangle.csv", triangle["pairs"]))
+    files.append(write_text(out / "triangle.md", triangle_markdown(triangle)))
+    return {"tables": tables, "triangle": triangle, "images": generated, "files": files}
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return write_text(path, buffer.getvalue())

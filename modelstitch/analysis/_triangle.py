@@ -1,0 +1,80 @@
+"""`triangle_summary`: mean stitching accuracy below and above the line ``j/J = i/I``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..study import Study, StudyResults
+
+__all__ = ["triangle_summary", "triangle_markdown"]
+
+
+def _position(index: int, depth: int) -> float:
+    return index / depth if depth > 0 else 0.0
+
+
+def triangle_summary(results: Study | StudyResults, *, objective: str | None = None) -> dict[str, Any]:
+    """Mean accuracy on each side of the line ``j/J = i/I``, per pair and overall.
+
+    A cell (sender layer ``i`` of ``I``, receiver layer ``j`` of ``J``, indices
+    from 0) is in the *lower* triangle when ``j/J <= i/I``: the receiver layer
+    comes no later, proportionally, than the sender layer. Hernandez et al.
+    found high accuracy there and low accuracy above it for trained pairs.
+
+    Args:
+        results: a `Study` or `StudyResults`.
+        objective: whose cells (default: the study's).
+
+    Returns:
+        ``{"pairs": [{"sender", "receiver", "control", "lower", "upper", "gap",
+        "n_lower", "n_upper"}, ...], "overall": {"trained": {...},
+        "control": {...}}}`` where ``gap = lower - upper`` (NaN where a side is empty).
+    """
+    view = results.results if isinstance(results, Study) else results
+    objective = objective or view.objective
+    controls = set(view.controls.values())
+    per_pair: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for row in view.rows(objective=objective):
+        if row["accuracy"] is None or row["sender_index"] < 0 or row["receiver_index"] < 0:
+            continue
+        lower = _position(row["receiver_index"], row["receiver_depth"]) <= _position(
+            row["sender_index"], row["sender_depth"]
+        )
+        sides = per_pair.setdefault((row["sender"], row["receiver"]), {"lower": [], "upper": []})
+        sides["lower" if lower else "upper"].append(row["accuracy"])
+    pairs = []
+    pooled: dict[str, dict[str, list[float]]] = {
+        "trained": {"lower": [], "upper": []},
+        "control": {"lower": [], "upper": []},
+    }
+    for (a, b), sides in per_pair.items():
+        kind = "control" if a in controls or b in controls else "trained"
+        pairs.append({"sender": a, "receiver": b, "control": kind == "control", **_sides(sides)})
+        for side in ("lower", "upper"):
+            pooled[kind][side].extend(sides[side])
+    return {"pairs": pairs, "overall": {kind: _sides(sides) for kind, sides in pooled.items()}}
+
+
+def _sides(sides: dict[str, list[float]]) -> dict[str, float]:
+    lower = float(np.mean(sides["lower"])) if sides["lower"] else math.nan
+    upper = float(np.mean(sides["upper"])) if sides["upper"] else math.nan
+    return {
+        "lower": lower,
+        "upper": upper,
+        "gap": lower - upper,
+        "n_lower": len(sides["lower"]),
+        "n_upper": len(sides["upper"]),
+    }
+
+
+def triangle_markdown(summary: dict[str, Any]) -> str:
+    """The overall rows of a `triangle_summary` as a Markdown table."""
+    lines = ["| pairs | lower (j/J <= i/I) | upper (j/J > i/I) | gap |", "|---|---|---|---|"]
+    for kind, s in summary["overall"].items():
+        lower = f"{s['lower']:.3f} ({s['n_lower']} cells)"
+        upper = f"{s['upper']:.3f} ({s['n_upper']} cells)"
+        lines.append(f"| {kind} | {lower} | {upper} | {s['gap']:+.3f} |")
+    return "\n".join(lines) + "\n"

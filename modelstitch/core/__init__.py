@@ -1,0 +1,67 @@
+"""Layer 1, addressing and capture: layer names, hooks, probes, prefixes and suffixes.
+
+Everything here works on a plain ``nn.Module`` and knows nothing of stitches:
+`parse_address` and `list_layers` name layers, `capture`/`activations` record
+their outputs with hooks that live only inside a call, `layer_specs` probes
+shapes once, `prefix`/`suffix` split a network at a layer, `frozen` holds
+networks in eval mode without ``requires_grad``, and the batch helpers turn a
+caller's data into ``(inputs, labels)`` batches.
+"""
+
+from ._address import INPUT, Address, list_layers, missing_call_error, parse_address, repeated_call_error
+from ._batches import BatchFn, as_loader, iterate_batches, loader, split_batch, to_device
+from ._capture import Activations, activations, capture
+from ._checkpoint import load_checkpoint, save_checkpoint
+from ._device import resolve_device
+from ._files import atomic_path, write_text
+from ._freeze import frozen
+from ._outputs import (
+    OutputSelector,
+    call_model,
+    call_model_capturing_input,
+    match_dtype,
+    replace_output,
+    select_output,
+)
+from ._probe import layer_specs
+from ._spec import ActivationSpec, Layout, layout_of
+from ._split import Prefix, Suffix, SuffixMethod, prefix, suffix
+
+__all__ = [
+    "INPUT",
+    "ActivationSpec",
+    "Activations",
+    "Address",
+    "BatchFn",
+    "Layout",
+    "OutputSelector",
+    "Prefix",
+    "Suffix",
+    "SuffixMethod",
+    "activations",
+    "as_loader",
+    "atomic_path",
+    "call_model",
+    "call_model_capturing_input",
+    "capture",
+    "frozen",
+    "iterate_batches",
+    "layer_specs",
+    "layout_of",
+    "list_layers",
+    "load_checkpoint",
+    "loader",
+    "match_dtype",
+    "missing_call_error",
+    "parse_address",
+    "prefix",
+    "repeated_call_error",
+    "replace_output",
+    "resolve_device",
+    "save_checkpoint",
+    "select_output",
+    "split_batch",
+    "suffix",
+    "to_device",
+    "write_text",
+]

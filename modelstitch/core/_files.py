@@ -1,0 +1,52 @@
+"""`atomic_path`: the one way this library writes a file (unique temp name, fsync, rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "write_text"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; on success it replaces ``path``.
+
+    Write the file at the yielded path. When the block ends without an
+    exception the temporary file is flushed to disk (``fsync``) and renamed
+    over ``path`` in one step, so readers see the old file or the new one,
+    never half of one. On an exception it is deleted and ``path`` is left as it
+    was. The temporary name is unique (process id and a random part), so concurrent writers of
+    the same file never write into each other's temporary files. Missing
+    parent folders are created.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> with atomic_path(target) as tmp:
+        ...     _ = tmp.write_text("done")
+        >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+        ('done', ['a.txt'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh name, created by the writer itself so the file gets the usual permissions
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see `atomic_path`); returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

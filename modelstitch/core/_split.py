@@ -1,0 +1,352 @@
+"""Running a model up to a layer (`prefix`) and from a layer onward (`suffix`).
+
+`suffix` cuts the model's ``torch.fx`` graph at the layer when it can, so the
+part before the layer is never computed. When the model does not trace, or
+something after the layer reads a value computed before it (a skip
+connection across the cut), it falls back to a full forward whose layer output
+is replaced by a hook. The fallback needs the original input and pays for the
+whole prefix again on every call.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from .._errors import StitchError, first_line
+from ._address import Address, missing_call_error, parse_address, repeated_call_error
+from ._capture import activations
+from ._freeze import frozen
+from ._outputs import OutputSelector, call_model, replace_output
+
+__all__ = ["Prefix", "Suffix", "prefix", "suffix"]
+
+SuffixMethod = Literal["auto", "graph", "hook"]
+
+
+class Prefix(nn.Module):
+    """``model`` run up to and including ``layer``; the forward stops there.
+
+    Call it with the model's input ``x`` (``[B, ...]``); it returns the layer's
+    output (``[B, *spec.shape]``). Parameters are shared with ``model``.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, *, output: OutputSelector = None) -> None:
+        super().__init__()
+        self.address = parse_address(model, layer)
+        object.__setattr__(self, "model", model)  # not a submodule: no double registration
+        self.output = output
+
+    def forward(self, x: Any) -> torch.Tensor:
+        """Return the layer's output for input ``x``."""
+        if self.address.is_input:
+            return x
+        key = str(self.address)
+        return activations(self.model, x, [key], output=self.output, clone=False)[key]
+
+    def extra_repr(self) -> str:
+        return f"{type(self.model).__name__} up to {str(self.address)!r}"
+
+
+class Suffix(nn.Module):
+    """``model`` run from ``layer`` onward, given that layer's output.
+
+    Attributes:
+        method: ``"graph"`` (cut ``torch.fx`` graph; the prefix never runs) or
+            ``"hook"`` (full forward with the layer's output replaced).
+        reason: why the graph cut was not used (``None`` for ``"graph"``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        address: Address,
+        method: Literal["graph", "hook"],
+        graph_module: fx.GraphModule | None,
+        *,
+        output: OutputSelector = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "graph_module", graph_module)
+        self.address = address
+        self.method = method
+        self.output = output
+        self.reason = reason
+
+    @property
+    def needs_input(self) -> bool:
+        """Whether `forward` needs the model's original input (the hook method)."""
+        return self.method == "hook"
+
+    def forward(self, representation: torch.Tensor, model_input: Any = None) -> Any:
+        """Run the rest of the model.
+
+        Args:
+            representation: the layer's output (or a stitch's replacement for
+                it), ``[B, *layer_shape]``.
+            model_input: the model's original input; required when
+                ``method == "hook"``, ignored otherwise.
+
+        Returns:
+            Whatever the model returns (e.g. logits ``[B, num_classes]``).
+        """
+        if self.address.is_input:
+            return self.model(representation)
+        if self.graph_module is not None:
+            return self.graph_module(representation)
+        if model_input is None:
+            raise StitchError(
+                f"running {type(self.model).__name__} from {str(self.address)!r} falls back to a hooked full "
+                f"forward ({self.reason}), which needs the original input: call suffix(representation, model_input)"
+            )
+        return _run_replacing(self.model, self.address, representation, model_input, self.output)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Suffix:
+        # The cut graph holds its own references to root-level attributes.
+        if self.graph_module is not None:
+            self.graph_module._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        how = self.method if self.reason is None else f"{self.method}: {self.reason}"
+        return f"{type(self.model).__name__} from {str(self.address)!r} ({how})"
+
+
+def prefix(model: nn.Module, layer: str, *, output: OutputSelector = None) -> Prefix:
+    """The part of ``model`` up to and including ``layer``.
+
+    Args:
+        model: the network (shared, not copied).
+        layer: an address from `list_layers`; ``"input"`` gives the identity.
+        output: tensor selector for structured outputs (see `select_output`).
+
+    Returns:
+        A `Prefix` module: ``[B, ...] -> [B, *layer_shape]``.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> prefix(net, "1")(torch.randn(3, 4)).shape
+        torch.Size([3, 8])
+    """
+    return Prefix(model, layer, output=output)
+
+
+def suffix(
+    model: nn.Module,
+    layer: str,
+    *,
+    example_input: Any = None,
+    method: SuffixMethod = "auto",
+    output: OutputSelector = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> Suffix:
+    """The part of ``model`` after ``layer``, fed with that layer's output.
+
+    With ``method="auto"`` the ``torch.fx`` graph is cut at the layer when the
+    model traces and nothing after the layer reads an earlier value; given
+    ``example_input``, the cut is also checked once against the full forward
+    (in eval mode, without gradients) and dropped if it disagrees. Otherwise
+    the hook method is used: every call runs the whole model with the layer's
+    output replaced, which needs the original input and recomputes the prefix.
+
+    Args:
+        model: the network (shared, not copied; parameters are not cloned).
+        layer: an address from `list_layers`; ``"input"`` gives the whole model.
+        example_input: a batch like the real data, used to verify the cut.
+        method: ``"auto"``, ``"graph"`` (raise if the cut is impossible) or
+            ``"hook"``.
+        output: tensor selector for structured layer outputs.
+        rtol: relative tolerance of the verification.
+        atol: absolute tolerance of the verification.
+
+    Returns:
+        A `Suffix` module: ``suffix(rep)`` or, for the hook method,
+        ``suffix(rep, model_input)``.
+
+    Raises:
+        StitchError: ``method="graph"`` and the graph cannot be cut, or an
+            unknown layer.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> rest = suffix(net, "0")
+        >>> rest.method, rest(torch.randn(3, 8)).shape
+        ('graph', torch.Size([3, 2]))
+    """
+    if method not in ("auto", "graph", "hook"):
+        raise StitchError(f"method={method!r}: use 'auto', 'graph' or 'hook'")
+    address = parse_address(model, layer)
+    if address.is_input:
+        return Suffix(model, address, "graph", None, output=output)
+    reason = "method='hook' was asked for"
+    if method != "hook":
+        try:
+            graph_module = _cut_graph(model, address)
+            if example_input is not None:
+                _verify_cut(model, address, graph_module, example_input, output, rtol=rtol, atol=atol)
+            return Suffix(model, address, "graph", graph_module, output=output)
+        except _CannotCut as err:
+            if method == "graph":
+                raise StitchError(f"cannot cut {type(model).__name__}'s graph at {layer!r}: {err}") from None
+            reason = str(err)
+    return Suffix(model, address, "hook", None, output=output, reason=reason)
+
+
+class _CannotCut(Exception):
+    pass
+
+
+class _CutTracer(fx.Tracer):
+    """A tracer that keeps the cut layer (and timm's no-trace modules) as leaves."""
+
+    def __init__(self, leaf: str) -> None:
+        super().__init__(autowrap_functions=tuple(_timm_notrace_functions()))
+        self.leaf = leaf
+        self.notrace_modules = tuple(_timm_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name == self.leaf:
+            return True
+        if self.notrace_modules and isinstance(m, self.notrace_modules):
+            return not self.leaf.startswith(module_qualified_name + ".")
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _timm_notrace_functions() -> Iterator[Callable]:
+    try:
+        from timm.layers import get_notrace_functions
+    except ImportError:  # timm is optional for tracing
+        return iter(())
+    return iter(get_notrace_functions())
+
+
+def _timm_notrace_modules() -> Iterator[type]:
+    try:
+        from timm.layers import get_notrace_modules
+    except ImportError:
+        return iter(())
+    return iter(get_notrace_modules())
+
+
+def _indexes_structure(node: fx.Node) -> bool:
+    return node.target is operator.getitem and isinstance(node.args[1], (int, str))
+
+
+def _cut_graph(model: nn.Module, address: Address) -> fx.GraphModule:
+    tracer = _CutTracer(address.name)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # any tracing failure means: use the hook method
+        raise _CannotCut(f"torch.fx could not trace the model ({type(err).__name__}: {first_line(err)})") from None
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == address.name]
+    if not calls:
+        raise _CannotCut(f"the traced graph has no call of {address.name!r}")
+    if address.call is None and len(calls) > 1:
+        raise repeated_call_error(address.name, len(calls))
+    index = address.call or 0
+    if index >= len(calls):
+        raise missing_call_error(address, len(calls))
+    cut = calls[index]
+    if any(_indexes_structure(user) for user in cut.users):
+        raise _CannotCut("the layer's output is indexed like a tuple or dict, which the graph cut does not split")
+
+    needed = _needed_nodes(graph, cut)
+    # Inputs with defaults (e.g. ``attn_mask=None``) may be read after the cut;
+    # they stay optional inputs of the cut graph. The data input may not.
+    early = [n for n in needed if n.op == "placeholder" and not n.args]
+    if early:
+        raise _CannotCut("a value computed before the layer is used after it (e.g. a skip connection across the cut)")
+
+    new_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {cut: new_graph.placeholder("representation")}
+    for node in graph.nodes:
+        if node in needed and node.op == "placeholder":
+            env[node] = new_graph.node_copy(node)
+    for node in graph.nodes:
+        if node in needed and node.op != "placeholder":
+            env[node] = new_graph.node_copy(node, lambda n: env[n])
+    new_graph.lint()
+    return fx.GraphModule(tracer.root, new_graph, class_name=f"{type(model).__name__}From")
+
+
+def _needed_nodes(graph: fx.Graph, cut: fx.Node) -> set[fx.Node]:
+    """Nodes the output depends on, walking back from the output and stopping at ``cut``."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    needed: set[fx.Node] = set()
+    stack = [output]
+    while stack:
+        node = stack.pop()
+        if node is cut or node in needed:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    return needed
+
+
+def _verify_cut(
+    model: nn.Module,
+    address: Address,
+    graph_module: fx.GraphModule,
+    example_input: Any,
+    output: OutputSelector,
+    *,
+    rtol: float,
+    atol: float,
+) -> None:
+    key = str(address)
+    with frozen(model), torch.no_grad():
+        rep = activations(model, example_input, [key], output=output)[key]
+        expected = call_model(model, example_input)
+        try:
+            got = graph_module(rep)
+        except Exception as err:
+            raise _CannotCut(
+                f"the cut graph failed on example_input ({type(err).__name__}: {first_line(err)})"
+            ) from None
+    want, have = _tensors(expected), _tensors(got)
+    same = len(want) == len(have) and all(
+        w.shape == h.shape and torch.allclose(w.float(), h.float(), rtol=rtol, atol=atol) for w, h in zip(want, have)
+    )
+    if not same:
+        raise _CannotCut("the cut graph did not reproduce the full forward on example_input")
+
+
+def _run_replacing(model: nn.Module, address: Address, new: torch.Tensor, model_input: Any, output: OutputSelector):
+    seen = [0]
+
+    def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+        call = seen[0]
+        seen[0] += 1
+        if address.call is None and call >= 1:
+            raise repeated_call_error(address.name)
+        if address.call in (None, call):
+            if isinstance(out, torch.Tensor) and out.shape != new.shape:
+                raise StitchError(
+                    f"replacement for {str(address)!r} has shape {tuple(new.shape)}, the layer gives {tuple(out.shape)}"
+                )
+            return replace_output(out, output, new, layer=str(address))
+        return None
+
+    handle = model.get_submodule(address.name).register_forward_hook(hook)
+    try:
+        return call_model(model, model_input)
+    finally:
+        handle.remove()
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+

@@ -1,0 +1,27 @@
+"""Layer 2, stitches: the shape rules, the stitch modules, the stitched model and least squares.
+
+`make_stitch` builds a `Stitch` from two layer specs (its *kind* says how it
+maps shapes); `stitch` probes two networks, builds the stitch and cuts the
+receiver into a `StitchedModel`; `LeastSquares`/`fit_least_squares` give a
+linear stitch its closed-form initialisation.
+"""
+
+from ._lstsq import LeastSquares, fit_least_squares
+from ._modules import STITCH_KINDS, MapToTokens, Resize, Stitch, TokenBatchNorm, TokenResample, TokensToMap, make_stitch
+from ._stitched import StitchedModel, assemble, stitch
+
+__all__ = [
+    "STITCH_KINDS",
+    "LeastSquares",
+    "MapToTokens",
+    "Resize",
+    "Stitch",
+    "StitchedModel",
+    "TokenBatchNorm",
+    "TokenResample",
+    "TokensToMap",
+    "assemble",
+    "fit_least_squares",
+    "make_stitch",
+    "stitch",
+]

@@ -1,0 +1,142 @@
+"""Least-squares initialisation of a linear stitch, from streamed sufficient statistics."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._errors import StitchError
+from ..core import BatchFn, as_loader, iterate_batches, resolve_device
+from ._modules import Stitch
+
+if TYPE_CHECKING:
+    from ._stitched import StitchedModel
+
+__all__ = ["LeastSquares", "fit_least_squares"]
+
+
+class LeastSquares:
+    """Streaming ridge regression ``Y ≈ X W + b`` for one stitch's linear core.
+
+    Accumulates ``XᵀX`` and ``XᵀY`` in float64 over batches of (provided,
+    expected) pairs and solves once, so the result is the exact least-squares
+    fit over all samples (no averaging of per-batch solutions). Exact for
+    ``1x1`` convolutions and ``Linear`` layers, and for ``k x k`` stride-``k``
+    convolutions, whose patches do not overlap.
+
+    Examples:
+        >>> from modelstitch.stitches import make_stitch
+        >>> s = make_stitch((4, 8, 8), (3, 4, 4))
+        >>> true = torch.nn.Conv2d(4, 3, 2, stride=2)
+        >>> fit = LeastSquares(s)
+        >>> x = torch.randn(16, 4, 8, 8)
+        >>> fit.update(x, true(x).detach())
+        >>> fit.solve(ridge=0.0)
+        >>> torch.allclose(s(x), true(x), atol=1e-4)
+        True
+    """
+
+    def __init__(self, stitch: Stitch) -> None:
+        if stitch.linear is None:
+            raise StitchError(
+                f"least-squares init needs a stitch of kind 'linear' (got kind={stitch.kind!r}); "
+                "use init='random' for other kinds"
+            )
+        self.stitch = stitch
+        self.layer = stitch.linear
+        self.bias = self.layer.bias is not None
+        self.xtx: torch.Tensor | None = None
+        self.xty: torch.Tensor | None = None
+        self.rows = 0
+
+    def design(self, provided: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of inputs ``[R, d_in]`` and targets ``[R, d_out]`` for the core's linear layer."""
+        with torch.no_grad():
+            x = self.stitch.pre(provided)
+            y = self.stitch.invert_post(expected)
+        if isinstance(self.layer, nn.Conv2d):
+            k = self.stitch.kernel
+            x = F.unfold(x, kernel_size=k, stride=k).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
+            y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+        else:
+            x = x.reshape(-1, x.shape[-1])
+            y = y.reshape(-1, y.shape[-1])
+        if self.bias:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        return x.double(), y.double()
+
+    def update(self, provided: torch.Tensor, expected: torch.Tensor) -> None:
+        """Add a batch: ``provided`` ``[B, *stitch.provided]``, ``expected`` ``[B, *stitch.expected]``."""
+        x, y = self.design(provided, expected)
+        if self.xtx is None:
+            self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self.xty = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.rows += x.shape[0]
+
+    def solve(self, ridge: float = 1e-4) -> None:
+        """Solve the ridge system and write the weights into the stitch's linear layer.
+
+        Args:
+            ridge: penalty relative to the mean diagonal of ``XᵀX`` (the bias is
+                not penalised); keeps the system well posed when features are
+                collinear.
+        """
+        if self.xtx is None or self.xty is None:
+            raise StitchError("least-squares init saw no data; pass init_data with at least one batch")
+        a = self.xtx.clone()
+        d = a.shape[0] - int(self.bias)
+        a[range(d), range(d)] += ridge * a.diagonal()[:d].mean().clamp_min(1e-12)
+        w = torch.linalg.lstsq(a, self.xty).solution if ridge == 0 else torch.linalg.solve(a, self.xty)
+        weight, bias = w[:d].T, (w[d] if self.bias else None)
+        with torch.no_grad():
+            self.layer.weight.copy_(weight.reshape(self.layer.weight.shape).to(self.layer.weight))
+            if bias is not None:
+                self.layer.bias.copy_(bias.to(self.layer.bias))
+
+
+def fit_least_squares(
+    stitched: StitchedModel,
+    data: Any,
+    *,
+    ridge: float = 1e-4,
+    batch_fn: BatchFn | None = None,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> int:
+    """Initialise ``stitched.stitch`` to the least-squares map from provided to expected representation.
+
+    Streams ``data`` once through both frozen networks, accumulating the
+    normal equations in float64 (see `LeastSquares`).
+
+    Args:
+        stitched: a `StitchedModel` whose stitch has kind ``"linear"``.
+        data: Dataset or DataLoader of inputs (labels are ignored).
+        ridge: relative ridge penalty, see `LeastSquares.solve`.
+        batch_fn: maps a loader batch to ``(inputs, labels)``.
+        batch_size: batch size when ``data`` is a Dataset.
+        max_batches: stop after this many batches.
+        device: where to run; ``None`` keeps the stitched model's device.
+        progress: show a progress bar.
+
+    Returns:
+        The number of regression rows used (samples times positions).
+    """
+    dev = next(stitched.stitch.parameters()).device if device is None else resolve_device(device)
+    stitched.to(dev)
+    fit = LeastSquares(stitched.stitch)
+    loader = as_loader(data, batch_size=batch_size, shuffle=False, what="init_data")
+    with stitched.frozen():
+        for i, (x, _) in enumerate(tqdm(iterate_batches(loader, dev, batch_fn), disable=not progress, leave=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            fit.update(stitched.provided_representation(x).float(), stitched.expected_representation(x).float())
+    fit.solve(ridge)
+    return fit.rows

@@ -1,0 +1,407 @@
+"""The stitch factory: a small trainable adapter from one layer's output to another's.
+
+A `Stitch` maps the sender's *provided* representation ``[B, *provided]`` to
+exactly the receiver's *expected* one ``[B, *expected]``. It is three modules
+run in order: ``pre`` (parameter-free layout adapter: pooling, resizing,
+token resampling), ``core`` (every trainable parameter) and ``post``
+(parameter-free: a reshape, or flattening a map into tokens and prepending
+copies of their mean). See ``docs/stitches.md`` for the shape rules.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from einops.layers.torch import Reduce
+from torch import nn
+
+from .._errors import StitchError
+from ..core import ActivationSpec, layout_of
+
+__all__ = ["STITCH_KINDS", "Stitch", "make_stitch"]
+
+#: Accepted values of ``make_stitch(kind=...)``; ``"auto"`` is ``"linear"``.
+STITCH_KINDS: tuple[str, ...] = ("auto", "linear", "bn", "lowrank", "mlp")
+_INITS = ("random", "identity")
+_POOLS = ("avg", "flatten")
+CoreLayout = Literal["map", "tokens", "vector"]
+Shape = tuple[int, ...]
+
+
+class Resize(nn.Module):
+    """Bilinear resize ``[B, C, H, W] -> [B, C, *size]`` (``align_corners=False``)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, mode='bilinear', align_corners=False"
+
+
+class TokenResample(nn.Module):
+    """Resample ``[B, p + g*g, D]`` tokens to ``[B, p' + g'*g', D]``.
+
+    The ``g*g`` patch tokens (after the ``p`` leading prefix tokens) are laid
+    out as a ``g x g`` grid, resized bilinearly to ``g' x g'`` and flattened
+    back. If ``p == p'`` the prefix tokens are kept; otherwise each of the
+    ``p'`` output prefix tokens is the mean of the input's patch tokens.
+    """
+
+    def __init__(self, prefix_in: int, grid_in: int, prefix_out: int, grid_out: int) -> None:
+        super().__init__()
+        self.prefix_in, self.grid_in, self.prefix_out, self.grid_out = prefix_in, grid_in, prefix_out, grid_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prefix, patches = x[:, : self.prefix_in], x[:, self.prefix_in :]
+        out = patches
+        if self.grid_in != self.grid_out:
+            grid = rearrange(patches, "b (h w) d -> b d h w", h=self.grid_in)
+            grid = F.interpolate(grid, size=(self.grid_out,) * 2, mode="bilinear", align_corners=False)
+            out = rearrange(grid, "b d h w -> b (h w) d")
+        if self.prefix_in != self.prefix_out:
+            prefix = patches.mean(dim=1, keepdim=True).expand(-1, self.prefix_out, -1)
+        return torch.cat([prefix, out], dim=1)
+
+    def extra_repr(self) -> str:
+        g, g2 = self.grid_in, self.grid_out
+        return f"prefix {self.prefix_in} + {g}x{g} grid -> prefix {self.prefix_out} + {g2}x{g2} grid"
+
+
+class TokensToMap(nn.Module):
+    """Drop ``p`` prefix tokens and lay out the rest: ``[B, p + g*g, D] -> [B, D, g, g]``."""
+
+    def __init__(self, prefix: int, grid: int) -> None:
+        super().__init__()
+        self.prefix, self.grid = prefix, grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x[:, self.prefix :], "b (h w) d -> b d h w", h=self.grid)
+
+    def extra_repr(self) -> str:
+        return f"drop {self.prefix} prefix tokens, grid={self.grid}x{self.grid}"
+
+
+class MapToTokens(nn.Module):
+    """Flatten a map into tokens and prepend ``p`` prefix tokens equal to their mean.
+
+    ``[B, D, g, g] -> [B, p + g*g, D]``; `inverse` undoes it (dropping the prefix).
+    """
+
+    def __init__(self, prefix: int, grid: int) -> None:
+        super().__init__()
+        self.prefix, self.grid = prefix, grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = rearrange(x, "b d h w -> b (h w) d")
+        prefix = patches.mean(dim=1, keepdim=True).expand(-1, self.prefix, -1)
+        return torch.cat([prefix, patches], dim=1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, p + g*g, D] -> [B, D, g, g]``: the patch tokens as a map."""
+        return rearrange(y[:, self.prefix :], "b (h w) d -> b d h w", h=self.grid)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}x{self.grid}, prepend {self.prefix} mean tokens"
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """`BatchNorm1d` over the last dim of ``[B, N, D]`` tokens (statistics over batch and tokens)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Stitch(nn.Module):
+    """A stitch ``[B, *provided] -> [B, *expected]``: ``post(core(pre(x)))``.
+
+    Examples:
+        >>> s = make_stitch((197, 192), (256, 8, 8))
+        >>> s(torch.randn(2, 197, 192)).shape
+        torch.Size([2, 256, 8, 8])
+        >>> s.core_layout, s.kernel, type(s.linear).__name__
+        ('map', 1, 'Conv2d')
+
+    Build stitches with `make_stitch`. Only ``core`` has parameters; ``pre``
+    and ``post`` are fixed reshapes/poolings/resizes.
+
+    Attributes:
+        pre: parameter-free, ``[B, *provided]`` to the core's input layout.
+        core: all trainable parameters; consumes and produces ``core_layout``
+            tensors (``"map"``: ``[B, C, H, W]``, a Conv2d core; ``"tokens"``:
+            ``[B, N, D]`` and ``"vector"``: ``[B, D]``, Linear on the last dim).
+        post: parameter-free, core output to ``[B, *expected]``: identity,
+            `nn.Unflatten` (vector core -> map/tokens) or `MapToTokens`
+            (map core -> tokens). `invert_post` undoes it on targets.
+        provided: per-sample input shape.
+        expected: per-sample output shape.
+        kind: ``"linear"``, ``"bn"``, ``"lowrank"`` or ``"mlp"``.
+        core_layout: ``"map"``, ``"tokens"`` or ``"vector"``.
+        kernel: kernel size (= stride) of the core's first conv; 1 unless it downsamples.
+    """
+
+    def __init__(
+        self,
+        pre: nn.Module,
+        core: nn.Module,
+        post: nn.Module,
+        *,
+        provided: Shape,
+        expected: Shape,
+        kind: str,
+        core_layout: CoreLayout,
+        kernel: int = 1,
+    ) -> None:
+        super().__init__()
+        self.pre, self.core, self.post = pre, core, post
+        self.provided, self.expected = tuple(provided), tuple(expected)
+        self.kind, self.core_layout, self.kernel = kind, core_layout, kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``[B, *provided]`` to ``[B, *expected]``."""
+        if tuple(x.shape[1:]) != self.provided:
+            raise StitchError(f"stitch {self.provided} -> {self.expected} got input of shape {tuple(x.shape)}")
+        return self.post(self.core(self.pre(x)))
+
+    @property
+    def linear(self) -> nn.Linear | nn.Conv2d | None:
+        """The core's single `nn.Linear`/`nn.Conv2d` when ``kind == "linear"``, else ``None``."""
+        return self.core if self.kind == "linear" else None
+
+    def invert_post(self, y: torch.Tensor) -> torch.Tensor:
+        """Map targets ``[B, *expected]`` back to what ``core`` must output.
+
+        Drops the replicated prefix tokens of `MapToTokens` and undoes reshapes,
+        so ``post(invert_post(post(z))) == post(z)``.
+        """
+        if tuple(y.shape[1:]) != self.expected:
+            raise StitchError(f"stitch {self.provided} -> {self.expected} got target of shape {tuple(y.shape)}")
+        if isinstance(self.post, MapToTokens):
+            return self.post.inverse(y)
+        if isinstance(self.post, nn.Unflatten):
+            return y.flatten(1)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.provided} -> {self.expected}, kind={self.kind!r}, "
+            f"core_layout={self.core_layout!r}, kernel={self.kernel}"
+        )
+
+
+def _spatial(hw: tuple[int, int], hw_out: tuple[int, int]) -> tuple[list[nn.Module], int]:
+    """The map->map rule: (pre modules, conv kernel = stride) taking ``hw`` to ``hw_out``."""
+    (h, w), (h2, w2) = hw, hw_out
+    if (h, w) == (h2, w2):
+        return [], 1
+    if h % h2 == 0 and w % w2 == 0 and h // h2 == w // w2:
+        return [], h // h2
+    if h2 % h == 0 and w2 % w == 0 and h2 // h == w2 // w:
+        return [nn.Upsample(scale_factor=h2 // h, mode="nearest")], 1
+    return [Resize((h2, w2))], 1
+
+
+def _grid(n: int, prefix: int | None, fail: Callable[[str], StitchError], side: str) -> tuple[int, int]:
+    """Split ``n`` tokens into (prefix count, grid side) with ``n == prefix + grid**2``."""
+    p = n - math.isqrt(n) ** 2 if prefix is None else prefix
+    g = math.isqrt(max(n - p, 0))
+    if p > n or g == 0 or g * g != n - p:
+        raise fail(
+            f"the {side} has {n} tokens and {p} prefix tokens, so its {n - p} patch tokens do not form a "
+            "square grid; pass num_prefix_tokens=(p_in, p_out) so that N - p is a square, or pool to a vector"
+        )
+    return p, g
+
+
+def _plan(
+    src: Shape, dst: Shape, pool: str, prefix: tuple[int | None, int | None], fail: Callable[[str], StitchError]
+) -> tuple[list[nn.Module], CoreLayout, int, int, int, nn.Module]:
+    """Per layout pair: (pre modules, core layout, core in, core out, kernel, post)."""
+    a, b = layout_of(src), layout_of(dst)
+    if a == "tokens" and b == "tokens":
+        (n, d), (n2, d2) = src, dst
+        pre: list[nn.Module] = []
+        if n != n2 or prefix[0] != prefix[1]:
+            p, g = _grid(n, prefix[0], fail, "provided side")
+            p2, g2 = _grid(n2, prefix[1], fail, "expected side")
+            if (p, g) != (p2, g2):
+                pre = [TokenResample(p, g, p2, g2)]
+        return pre, "tokens", d, d2, 1, nn.Identity()
+    if b == "vector":
+        if a == "vector":
+            return [], "vector", src[0], dst[0], 1, nn.Identity()
+        if pool == "flatten":
+            return [nn.Flatten()], "vector", math.prod(src), dst[0], 1, nn.Identity()
+        reduce = Reduce("b c h w -> b c", "mean") if a == "map" else Reduce("b n d -> b d", "mean")
+        return [reduce], "vector", src[0] if a == "map" else src[1], dst[0], 1, nn.Identity()
+    if a == "vector":
+        return [], "vector", src[0], math.prod(dst), 1, nn.Unflatten(1, dst)
+    pre, c_in, hw = [], src[0], tuple(src[1:])
+    if a == "tokens":
+        p, g = _grid(src[0], prefix[0], fail, "provided side")
+        pre, c_in, hw = [TokensToMap(p, g)], src[1], (g, g)
+    if b == "map":
+        spatial, k = _spatial(hw, dst[1:])
+        return pre + spatial, "map", c_in, dst[0], k, nn.Identity()
+    p2, g2 = _grid(dst[0], prefix[1], fail, "expected side")
+    spatial, k = _spatial(hw, (g2, g2))
+    return pre + spatial, "map", c_in, dst[1], k, MapToTokens(p2, g2)
+
+
+def _core(kind: str, layout: CoreLayout, c_in: int, c_out: int, k: int, width: int) -> nn.Module:
+    """The trainable core; ``width`` is the rank (lowrank) or hidden width (mlp)."""
+
+    def layer(i: int, o: int, first: bool = True, bias: bool = True) -> nn.Module:
+        if layout == "map":
+            kk = k if first else 1
+            return nn.Conv2d(i, o, kernel_size=kk, stride=kk, bias=bias)
+        return nn.Linear(i, o, bias=bias)
+
+    def norm(c: int) -> nn.Module:
+        return {"map": nn.BatchNorm2d, "tokens": TokenBatchNorm, "vector": nn.BatchNorm1d}[layout](c)
+
+    if kind == "linear":
+        return layer(c_in, c_out)
+    if kind == "bn":
+        return nn.Sequential(norm(c_in), layer(c_in, c_out), norm(c_out))
+    if kind == "lowrank":
+        return nn.Sequential(layer(c_in, width, bias=False), layer(width, c_out, first=False))
+    return nn.Sequential(layer(c_in, width), nn.ReLU(), layer(width, c_out, first=False))
+
+
+def _as_shape(x: object) -> Shape | None:
+    """The per-sample shape of an `ActivationSpec` or a sequence of ints, else ``None``."""
+    if isinstance(x, ActivationSpec):
+        return x.shape
+    if not isinstance(x, Sequence) or isinstance(x, str) or any(isinstance(s, bool) for s in x):
+        return None
+    try:
+        return tuple(operator.index(s) for s in x)
+    except TypeError:
+        return None
+
+
+def _is_count(x: object, low: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def make_stitch(
+    provided: ActivationSpec | Sequence[int],
+    expected: ActivationSpec | Sequence[int],
+    *,
+    kind: str = "auto",
+    init: str = "random",
+    rank: int | None = None,
+    hidden: int | None = None,
+    pool: str = "avg",
+    num_prefix_tokens: int | tuple[int, int] | None = None,
+) -> Stitch:
+    """Build a stitch mapping ``[B, *provided]`` to exactly ``[B, *expected]``.
+
+    Examples:
+        >>> make_stitch((64, 32, 32), (128, 16, 16))(torch.randn(2, 64, 32, 32)).shape
+        torch.Size([2, 128, 16, 16])
+        >>> make_stitch((64, 32, 32), (128, 16, 16)).core
+        Conv2d(64, 128, kernel_size=(2, 2), stride=(2, 2))
+        >>> make_stitch((256, 8, 8), (197, 192))(torch.randn(2, 256, 8, 8)).shape
+        torch.Size([2, 197, 192])
+        >>> make_stitch((197, 192), (10,), kind="lowrank", rank=4)(torch.randn(2, 197, 192)).shape
+        torch.Size([2, 10])
+
+    Layouts: ``[D]`` vector, ``[N, D]`` tokens, ``[C, H, W]`` map. Maps are
+    matched spatially by a ``k x k`` stride-``k`` conv (integer downsampling),
+    nearest upsampling by an integer factor, or a bilinear resize (any other
+    ratio). Tokens are ``p`` prefix (class/register) tokens followed by a
+    square grid of patch tokens; ``p`` defaults to ``N - floor(sqrt(N))**2``.
+
+    Args:
+        provided: the sender layer's `ActivationSpec` or per-sample shape.
+        expected: the receiver layer's `ActivationSpec` or per-sample shape.
+        kind: ``"auto"``/``"linear"`` (one affine map), ``"bn"`` (BatchNorm,
+            linear, BatchNorm), ``"lowrank"`` (rank-``rank`` factorised
+            linear map) or ``"mlp"`` (Linear/Conv, ReLU, Linear/Conv).
+        init: ``"random"`` (PyTorch default) or ``"identity"`` (linear kind
+            with equal channel counts; a ``k x k`` downsampling conv becomes
+            per-channel average pooling).
+        rank: the rank of a ``"lowrank"`` stitch, ``1 <= rank <= min(in, out)``.
+        hidden: hidden width of an ``"mlp"`` stitch (default ``max(in, out)``).
+        pool: how a map or tokens become a vector: ``"avg"`` (mean over
+            positions/tokens) or ``"flatten"``.
+        num_prefix_tokens: prefix tokens of both token sides (an int), or of
+            the provided and expected sides (a pair); ignored for non-token sides.
+
+    Returns:
+        The `Stitch`, with PyTorch's default dtype and on the CPU.
+
+    Raises:
+        StitchError: the pair of shapes or an option is not supported; the
+            message names both shapes and what to do instead.
+    """
+    src, dst = _as_shape(provided), _as_shape(expected)
+
+    def fail(message: str) -> StitchError:
+        shown = [
+            f"{getattr(x, 'name', '')} {shape}".strip() if shape is not None else repr(x)
+            for x, shape in ((provided, src), (expected, dst))
+        ]
+        return StitchError(f"cannot stitch provided {shown[0]} -> expected {shown[1]}: {message}")
+
+    if src is None or dst is None or layout_of(src) is None or layout_of(dst) is None:
+        raise fail(
+            "shapes must be per-sample (no batch dim) [D] vectors, [N, D] tokens or [C, H, W] maps; "
+            "flatten or pool the activation, or stitch at a different layer"
+        )
+    if min(src + dst) < 1:
+        raise fail("every size must be >= 1; pick layers with non-empty outputs")
+    if kind not in STITCH_KINDS:
+        raise fail(f"unknown kind={kind!r}; use one of {', '.join(map(repr, STITCH_KINDS))}")
+    kind = "linear" if kind == "auto" else kind
+    if init not in _INITS:
+        raise fail(
+            f"unknown init={init!r}; make_stitch supports 'random' and 'identity', and least squares is "
+            "available as stitch(..., init='lstsq', init_data=...)"
+        )
+    if pool not in _POOLS:
+        raise fail(f"unknown pool={pool!r}; use 'avg' or 'flatten'")
+    if rank is not None and kind != "lowrank":
+        raise fail(f"rank={rank!r} only applies to kind='lowrank' (kind is {kind!r}); drop rank or use kind='lowrank'")
+    if hidden is not None and kind != "mlp":
+        raise fail(f"hidden={hidden!r} only applies to kind='mlp' (kind is {kind!r}); drop hidden or use kind='mlp'")
+    if hidden is not None and not _is_count(hidden, 1):
+        raise fail(f"hidden={hidden!r} must be an int >= 1")
+    prefix = num_prefix_tokens if isinstance(num_prefix_tokens, (tuple, list)) else (num_prefix_tokens,) * 2
+    if len(prefix) != 2 or not all(p is None or _is_count(p, 0) for p in prefix):
+        raise fail(f"num_prefix_tokens={num_prefix_tokens!r} must be None, an int >= 0 or a pair (p_in, p_out)")
+
+    pre, layout, c_in, c_out, k, post = _plan(src, dst, pool, (prefix[0], prefix[1]), fail)
+    width = max(c_in, c_out) if hidden is None else hidden
+    if kind == "lowrank":
+        if not _is_count(rank, 1) or rank > min(c_in, c_out):
+            raise fail(
+                f"kind='lowrank' needs rank=r with 1 <= r <= min({c_in}, {c_out}) = {min(c_in, c_out)} "
+                f"(got rank={rank!r}); pick a rank in that range or use kind='linear'"
+            )
+        width = rank
+    instead = "use init='random', or least squares through stitch(..., init='lstsq', init_data=...)"
+    if init == "identity" and kind != "linear":
+        raise fail(f"init='identity' is only defined for kind='linear' (got kind={kind!r}); {instead}")
+    if init == "identity" and c_in != c_out:
+        raise fail(f"init='identity' needs equal channel counts, but the core maps {c_in} -> {c_out}; {instead}")
+    core = _core(kind, layout, c_in, c_out, k, width)
+    if init == "identity":
+        with torch.no_grad():
+            core.weight.zero_()
+            core.bias.zero_()
+            idx = torch.arange(c_in)
+            core.weight[idx, idx] = 1.0 / (k * k)
+    pre_module = nn.Identity() if not pre else pre[0] if len(pre) == 1 else nn.Sequential(*pre)
+    return Stitch(pre_module, core, post, provided=src, expected=dst, kind=kind, core_layout=layout, kernel=k)

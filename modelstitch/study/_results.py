@@ -1,0 +1,134 @@
+"""`StudyResults`: a study's store read back as matrices, tidy rows, CSV and heatmaps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._errors import StitchError
+from ._store import ResultStore, read_run_meta
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ._plot import Panel
+
+__all__ = ["StudyResults", "slug"]
+
+
+class StudyResults:
+    """Read-only view of a study's store: matrices, tidy rows, CSV and figures.
+
+    Open a finished (or half-finished) run folder without the networks with
+    `StudyResults.open`.
+    """
+
+    def __init__(self, out: str | Path, config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> None:
+        self.out = Path(out)
+        self.layers: dict[str, list[str]] = {k: list(v) for k, v in config["layers"].items()}
+        self.controls: dict[str, str] = dict(config.get("controls", {}))
+        self.objective: str = config.get("objective", "task")
+        self.pairs = [tuple(p) for p in pairs]
+
+    @classmethod
+    def open(cls, out: str | Path) -> StudyResults:
+        """The results in run folder ``out`` (which holds ``study.sqlite``)."""
+        config = read_run_meta(out, "config")
+        if config is None:
+            raise StitchError(f"{out} has no study settings; it was not written by modelstitch")
+        return cls(out, config, config.get("pairs", []))
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite file."""
+        return self.out / "study.sqlite"
+
+    def _check_name(self, name: str, where: str) -> None:
+        if name not in self.layers:
+            raise StitchError(f"{where} names {name!r}, which is not a network of this study ({sorted(self.layers)})")
+
+    def rows(self, **where: Any) -> list[dict[str, Any]]:
+        """Finished cells as dicts (see `ResultStore.rows`)."""
+        with ResultStore(self.store_path) as store:
+            return store.rows(**where)
+
+    def matrix(
+        self, sender: str, receiver: str, *, value: str = "accuracy", objective: str | None = None
+    ) -> np.ndarray:
+        """The similarity matrix of one ordered pair.
+
+        Args:
+            sender: the sender network's name.
+            receiver: the receiver network's name.
+            value: the column to read (``"accuracy"``, ``"loss"``, ``"init_accuracy"``...).
+            objective: whose cells (default: the study's objective).
+
+        Returns:
+            ``[I, J]`` float array: entry ``[i, j]`` is ``value`` of sender layer
+            ``i`` stitched into receiver layer ``j``; NaN where not finished.
+        """
+        self._check_name(sender, "matrix")
+        self._check_name(receiver, "matrix")
+        out = np.full((len(self.layers[sender]), len(self.layers[receiver])), np.nan)
+        for row in self.rows(sender=sender, receiver=receiver, objective=objective or self.objective):
+            if row[value] is not None and row["sender_index"] >= 0 and row["receiver_index"] >= 0:
+                out[row["sender_index"], row["receiver_index"]] = row[value]
+        return out
+
+    def to_csv(self, path: str | Path | None = None) -> Path:
+        """Write the tidy table of finished cells (default ``out/cells.csv``)."""
+        with ResultStore(self.store_path) as store:
+            return store.to_csv(path or self.out / "cells.csv")
+
+    def plot(
+        self, path: str | Path | None = None, *, pairs: Sequence[tuple[str, str]] | None = None, **kwargs: Any
+    ) -> Figure:
+        """Heatmaps: each trained pair beside its random-control pair (the paper's Figure 2).
+
+        Args:
+            path: file stem; ``.png`` and ``.svg`` are written (default ``out/heatmaps``).
+            pairs: the trained pairs to show (default: every pair that is not a control pair).
+            **kwargs: passed to `plot_heatmaps`.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        control_names = set(self.controls.values())
+        shown = pairs or [(a, b) for a, b in self.pairs if a not in control_names]
+        panels = []
+        for a, b in shown:
+            panels.append(self._panel(a, b, f"{a} → {b}"))
+            if a in self.controls and b in self.controls:
+                panels.append(self._panel(self.controls[a], self.controls[b], f"{a} → {b} (random)"))
+        kwargs.setdefault("columns", 2 if any(a in self.controls for a, _ in shown) else None)
+        from ._plot import plot_heatmaps  # matplotlib loads only when a figure is drawn
+
+        return plot_heatmaps(panels, path or self.out / "heatmaps", **kwargs)
+
+    def plot_grid(self, path: str | Path | None = None, **kwargs: Any) -> Figure:
+        """All pairs of the study in one grid of small heatmaps (rows: senders, columns: receivers)."""
+        names = list(dict.fromkeys(n for pair in self.pairs for n in pair))
+        matrices = {(a, b): self.matrix(a, b) for a, b in self.pairs}
+        from ._plot import plot_pair_grid
+
+        return plot_pair_grid(matrices, names, path or self.out / "grid", **kwargs)
+
+    def _panel(self, a: str, b: str, title: str) -> Panel:
+        from ._plot import Panel
+
+        return Panel(
+            title=title,
+            matrix=self.matrix(a, b),
+            sender_labels=[f"{i} {n}" for i, n in enumerate(self.layers[a])],
+            receiver_labels=[f"{j} {n}" for j, n in enumerate(self.layers[b])],
+            sender_name=f"sender {a}",
+            receiver_name=f"receiver {b}",
+        )
+
+
+def slug(name: str) -> str:
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_`` (for file names)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

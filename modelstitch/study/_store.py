@@ -1,0 +1,218 @@
+"""`ResultStore`: a study's results in one SQLite file (stdlib ``sqlite3``, WAL mode).
+
+A row is one finished cell. Rows of cells trained together are written in
+one transaction, so a process killed at any moment leaves either all of them
+or none: nothing half-written is ever read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._errors import StitchError
+from ..core import atomic_path
+
+__all__ = ["CELL_COLUMNS", "DISTANCE_COLUMNS", "ResultStore", "read_run_meta"]
+
+KEY_COLUMNS = ("sender", "sender_layer", "receiver", "receiver_layer", "objective")
+CELL_COLUMNS = (
+    *KEY_COLUMNS,
+    "sender_index",
+    "receiver_index",
+    "sender_depth",
+    "receiver_depth",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "init_accuracy",
+    "seconds",
+    "seed",
+    "recipe",
+    "version",
+    "created",
+)
+_TYPES = {
+    "sender_index": "INTEGER",
+    "receiver_index": "INTEGER",
+    "sender_depth": "INTEGER",
+    "receiver_depth": "INTEGER",
+    "accuracy": "REAL",
+    "loss": "REAL",
+    "train_loss": "REAL",
+    "init_accuracy": "REAL",
+    "seconds": "REAL",
+    "seed": "INTEGER",
+}
+
+DISTANCE_METRICS = ("EV", "ES", "SV")
+"""Distances of the paper's MSE analysis: expected vs task-trained (EV), vs MSE-trained (ES), and between them (SV)."""
+STAT_FIELDS = ("n", "total", "total_sq", "minimum", "maximum")
+DISTANCE_COLUMNS = (
+    "sender",
+    "sender_layer",
+    "receiver",
+    "receiver_layer",
+    "sender_index",
+    "receiver_index",
+    "control",
+    *(f"{m}_{f}" for m in DISTANCE_METRICS for f in STAT_FIELDS),
+)
+
+
+class ResultStore:
+    """The SQLite file that holds a study's finished cells.
+
+    Args:
+        path: the database file (created with its folder if missing).
+
+    Examples:
+        >>> import tempfile, os
+        >>> store = ResultStore(os.path.join(tempfile.mkdtemp(), "s.sqlite"))
+        >>> store.add([{"sender": "A", "sender_layer": "stem", "receiver": "B", "receiver_layer": "stem",
+        ...             "objective": "task", "accuracy": 0.5}])
+        >>> store.done()
+        {('A', 'stem', 'B', 'stem', 'task')}
+        >>> store.close()
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        columns = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in CELL_COLUMNS)
+        with self._db:
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS cells ({columns}, PRIMARY KEY ({', '.join(KEY_COLUMNS)}))")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS failures (sender TEXT, receiver TEXT, objective TEXT, error TEXT, "
+                "attempts INTEGER, created TEXT, PRIMARY KEY (sender, receiver, objective))"
+            )
+            stats = ", ".join(f"{c} REAL" for c in DISTANCE_COLUMNS[7:])
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS distances (sender TEXT, sender_layer TEXT, receiver TEXT, "
+                f"receiver_layer TEXT, sender_index INTEGER, receiver_index INTEGER, control INTEGER, {stats}, "
+                "PRIMARY KEY (sender, sender_layer, receiver, receiver_layer))"
+            )
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Write finished cells in one transaction (all or none); a cell already present is replaced."""
+        placeholders = ", ".join("?" for _ in CELL_COLUMNS)
+        values = [tuple(_encode(row.get(c)) for c in CELL_COLUMNS) for row in rows]
+        with self._db:
+            self._db.executemany(f"INSERT OR REPLACE INTO cells VALUES ({placeholders})", values)
+
+    def add_failure(self, sender: str, receiver: str, objective: str, error: str, attempts: int) -> None:
+        """Record that a pair failed (it is skipped on reruns unless failures are retried)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, datetime('now'))",
+                (sender, receiver, objective, error, attempts),
+            )
+
+    def clear_failure(self, sender: str, receiver: str, objective: str) -> None:
+        """Forget a failure (the pair has now finished)."""
+        with self._db:
+            self._db.execute(
+                "DELETE FROM failures WHERE sender = ? AND receiver = ? AND objective = ?",
+                (sender, receiver, objective),
+            )
+
+    def failures(self, objective: str | None = None) -> list[dict[str, Any]]:
+        """Failed pairs: ``{"sender", "receiver", "objective", "error", "attempts", "created"}``."""
+        sql = "SELECT sender, receiver, objective, error, attempts, created FROM failures"
+        args: tuple = ()
+        if objective is not None:
+            sql, args = sql + " WHERE objective = ?", (objective,)
+        names = ("sender", "receiver", "objective", "error", "attempts", "created")
+        return [dict(zip(names, r)) for r in self._db.execute(sql + " ORDER BY sender, receiver", args)]
+
+    def done(self) -> set[tuple[str, str, str, str, str]]:
+        """Keys ``(sender, sender_layer, receiver, receiver_layer, objective)`` of finished cells."""
+        return set(self._db.execute(f"SELECT {', '.join(KEY_COLUMNS)} FROM cells").fetchall())
+
+    def rows(self, **where: Any) -> list[dict[str, Any]]:
+        """Finished cells as dicts, optionally filtered by column equality, in a stable order."""
+        clause = " AND ".join(f"{k} = ?" for k in where)
+        sql = f"SELECT {', '.join(CELL_COLUMNS)} FROM cells" + (f" WHERE {clause}" if clause else "")
+        sql += " ORDER BY sender, receiver, objective, sender_index, receiver_index"
+        return [dict(zip(CELL_COLUMNS, r)) for r in self._db.execute(sql, tuple(where.values()))]
+
+    def add_distances(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Write per-cell distance statistics (`DISTANCE_COLUMNS`) in one transaction."""
+        placeholders = ", ".join("?" for _ in DISTANCE_COLUMNS)
+        values = [tuple(row[c] for c in DISTANCE_COLUMNS) for row in rows]
+        with self._db:
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO distances ({', '.join(DISTANCE_COLUMNS)}) VALUES ({placeholders})", values
+            )
+
+    def distance_pairs(self) -> set[tuple[str, str]]:
+        """``(sender, receiver)`` pairs whose distances are stored."""
+        return set(self._db.execute("SELECT DISTINCT sender, receiver FROM distances").fetchall())
+
+    def distance_rows(self) -> list[dict[str, Any]]:
+        """Every stored per-cell distance record, in a stable order."""
+        sql = f"SELECT {', '.join(DISTANCE_COLUMNS)} FROM distances"
+        sql += " ORDER BY sender, receiver, sender_index, receiver_index"
+        return [dict(zip(DISTANCE_COLUMNS, r)) for r in self._db.execute(sql)]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON-encodable value under ``key``."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default``."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def to_csv(self, path: str | Path, columns: Sequence[str] = CELL_COLUMNS) -> Path:
+        """Write every finished cell as a tidy CSV (one row per cell)."""
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows())
+        return Path(path)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A raw transaction, for callers that write several tables at once."""
+        with self._db:
+            yield self._db
+
+
+def read_run_meta(out: str | Path, key: str) -> Any:
+    """The ``key`` record of the study store in run folder ``out``, or ``None`` if it has none.
+
+    Raises:
+        StitchError: ``out`` holds no ``study.sqlite``.
+    """
+    path = Path(out) / "study.sqlite"
+    if not path.is_file():
+        raise StitchError(f"{out} holds no study results ({path} is missing); run `modelstitch study run` first")
+    with ResultStore(path) as store:
+        return store.meta(key)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return value

@@ -1,0 +1,441 @@
+"""`Study`: every cell (sender, sender layer, receiver, receiver layer) over pairs of networks.
+
+Cells of one ordered pair of networks train together (one pass over the data
+and one activation cache of the sender) and
+their results are written to the `ResultStore` in one transaction. A rerun
+skips finished pairs, so killing the process at any moment loses at most the
+pair in progress, and every cell's result is the same as in an uninterrupted
+run: a cell's stitch is initialised from a seed derived from the study seed
+and the cell's names, and each pair always trains the same set of cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._errors import StitchError
+from .._version import __version__
+from ..core import layer_specs, load_checkpoint, resolve_device, save_checkpoint, split_batch, suffix
+from ..stitches import StitchedModel, assemble
+from ..train import Recipe, evaluate_stitches, train_stitches
+from ..zoo import layer_names
+from ._results import StudyResults, slug
+from ._store import ResultStore
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Cell", "Study"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One stitch of a study: sender layer ``i`` of ``sender`` into layer ``j`` of ``receiver``."""
+
+    sender: str
+    sender_layer: str
+    receiver: str
+    receiver_layer: str
+    objective: str = "task"
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        """The cell's primary key in the results store."""
+        return (self.sender, self.sender_layer, self.receiver, self.receiver_layer, self.objective)
+
+    def seed(self, study_seed: int) -> int:
+        """The seed of this cell's stitch initialisation (stable across runs and machines)."""
+        return zlib.crc32(repr((study_seed, *self.key)).encode()) & 0x7FFFFFFF
+
+
+class Study:
+    """A grid of stitching cells over ordered pairs of networks, with a resumable store.
+
+    Args:
+        models: networks by name, e.g. ``{"R1111": net, "R1111-random": control}``.
+            They stay frozen and are never modified.
+        train_data: Dataset or DataLoader of ``(inputs, labels)`` to train stitches on
+            (no random augmentation when ``cache=True``).
+        test_data: Dataset or DataLoader to measure accuracy on.
+        out: the run folder; results go to ``out/study.sqlite``.
+        pairs: ``"all"`` (every ordered pair of the networks not listed as
+            controls, the self-pairs included) or a list of ``(sender, receiver)``.
+        layers: the layers of each network, by name (index 0 first); by default
+            `zoo.layer_names` of each network (small ResNets, torchvision ResNets).
+        controls: ``{network: its random-weight control}``; for each pair
+            ``(a, b)`` the pair ``(controls[a], controls[b])`` is studied too.
+        recipe: how each stitch trains (`Recipe`; the paper's by default).
+        objective: ``"task"`` or ``"mse"`` (see `train_stitch`).
+        kind: stitch kind (see `make_stitch`).
+        init: ``"random"``, ``"identity"`` or ``"lstsq"``.
+        seed: seeds every cell's stitch initialisation.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        cache: train from cached sender activations (see `train_stitches`).
+        memory_budget: bytes of activation cache kept in memory.
+        example_input: a batch like the data, for probing shapes; by default
+            the first training sample.
+        eval_batch_size: batch size of the evaluation pass.
+
+    Examples:
+        >>> from modelstitch import zoo, data
+        >>> nets = {"A": zoo.small_resnet("R1111", width=4), "B": zoo.small_resnet("R1111", width=4)}
+        >>> import tempfile
+        >>> study = Study(nets, train_data=data.subset(data.digits(), 64), test_data=data.subset(
+        ...     data.digits(train=False), 64), out=tempfile.mkdtemp(), pairs=[("A", "B")],
+        ...     layers={"A": ["stem", "layer4.0"], "B": ["layer1.0", "layer3.0", "layer4.0"]},
+        ...     recipe=Recipe(batch_size=32, epochs=1), device="cpu")
+        >>> len(study.cells())
+        6
+        >>> study.run(progress=False).matrix("A", "B").shape
+        (2, 3)
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        *,
+        train_data: Any,
+        test_data: Any,
+        out: str | Path,
+        pairs: str | Sequence[tuple[str, str]] = "all",
+        layers: Mapping[str, Sequence[str]] | None = None,
+        controls: Mapping[str, str] | None = None,
+        recipe: Recipe | None = None,
+        objective: str = "task",
+        kind: str = "auto",
+        init: str = "random",
+        seed: int = 0,
+        device: str | torch.device | None = "auto",
+        cache: bool = True,
+        memory_budget: int = 2 * 1024**3,
+        example_input: Any = None,
+        eval_batch_size: int = 256,
+    ) -> None:
+        if not models:
+            raise StitchError("a Study needs at least one network in models={name: module}")
+        self.models = dict(models)
+        self.controls = dict(controls or {})
+        for name in [*self.controls, *self.controls.values()]:
+            self._check_name(name, "controls")
+        self.train_data = train_data
+        self.test_data = test_data
+        self.out = Path(out)
+        self.recipe = recipe or Recipe()
+        self.objective = objective
+        self.kind = kind
+        self.init = init
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.cache = cache
+        self.memory_budget = memory_budget
+        self.eval_batch_size = eval_batch_size
+        self.layers = {name: list(self._layers_of(name, layers)) for name in self.models}
+        self.pairs = self._expand_pairs(pairs)
+        self.example_input = example_input if example_input is not None else _first_input(train_data)
+
+    # ------------------------------------------------------------------ layout
+
+    def _check_name(self, name: str, where: str) -> None:
+        if name not in self.models:
+            raise StitchError(f"{where} names {name!r}, which is not in models ({sorted(self.models)})")
+
+    def _layers_of(self, name: str, layers: Mapping[str, Sequence[str]] | None) -> Sequence[str]:
+        if layers is not None and name in layers:
+            return layers[name]
+        try:
+            return layer_names(self.models[name])
+        except StitchError as err:
+            raise StitchError(
+                f"network {name!r}: pass layers={{{name!r}: [...]}} to say which layers to stitch ({err})"
+            ) from None
+
+    def _expand_pairs(self, pairs: str | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        if pairs == "all":
+            trained = [n for n in self.models if n not in set(self.controls.values())]
+            base = [(a, b) for a in trained for b in trained]
+        elif isinstance(pairs, str):
+            raise StitchError(f"pairs={pairs!r}: use 'all' or a list of (sender, receiver) names")
+        else:
+            base = [tuple(p) for p in pairs]
+        out: list[tuple[str, str]] = []
+        for a, b in base:
+            self._check_name(a, "pairs")
+            self._check_name(b, "pairs")
+            out.append((a, b))
+            if a in self.controls and b in self.controls:
+                out.append((self.controls[a], self.controls[b]))
+        return list(dict.fromkeys(out))
+
+    def cells(self) -> list[Cell]:
+        """Every cell of the study, pair by pair, sender layer then receiver layer."""
+        return [cell for pair in self.pairs for cell in self._pair_cells(*pair)]
+
+    def _pair_cells(self, a: str, b: str, objective: str | None = None) -> list[Cell]:
+        objective = objective or self.objective
+        return [Cell(a, sl, b, rl, objective) for sl in self.layers[a] for rl in self.layers[b]]
+
+    def sibling(self, *, objective: str | None = None, recipe: Recipe | None = None) -> Study:
+        """The same networks, cells, data and folder with another objective or recipe.
+
+        Its cells are stored beside this study's (the objective is part of each
+        cell's key), e.g. ``study.sibling(objective="mse", recipe=Recipe(epochs=30))``.
+        """
+        twin = copy.copy(self)
+        twin.objective = objective or self.objective
+        twin.recipe = recipe or self.recipe
+        return twin
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite file of this study's results."""
+        return self.out / "study.sqlite"
+
+    def config(self) -> dict[str, Any]:
+        """What defines the study's results; a rerun in the same folder must match it."""
+        return {
+            "models": sorted(self.models),
+            "layers": self.layers,
+            "controls": self.controls,
+            "objective": self.objective,
+            "kind": self.kind,
+            "init": self.init,
+            "seed": self.seed,
+            "recipe": repr(self.recipe),
+            "pairs": [list(p) for p in self.pairs],
+        }
+
+    # ------------------------------------------------------------------ running
+
+    def run(
+        self,
+        *,
+        progress: bool = True,
+        executor: str = "local",
+        address: str | None = None,
+        max_retries: int = 2,
+        retry_failed: bool = False,
+        cpus_per_task: float = 1,
+    ) -> Study:
+        """Train and evaluate every unfinished cell; finished pairs are skipped.
+
+        Args:
+            progress: show a progress bar over cells, with an ETA.
+            executor: ``"local"`` (this process) or ``"ray"`` (each pair a Ray
+                task; needs ``pip install "modelstitch[ray]"``). Either way only
+                this process writes the store, as results arrive.
+            address: the Ray cluster to join (``None``: start a local one).
+            max_retries: Ray retries of a pair whose worker died.
+            retry_failed: also run pairs that failed before (otherwise they are
+                skipped and listed by `failures`).
+            cpus_per_task: CPUs per Ray task.
+
+        Returns:
+            ``self``, for chaining (``study.run().matrix(a, b)``). Pairs that
+            failed are recorded in the store (see `failures`) and do not stop
+            the others.
+        """
+        from ._executors import EXECUTORS, PairFailure, run_local, run_ray
+
+        if executor not in EXECUTORS:
+            raise StitchError(f"executor={executor!r}: use one of {EXECUTORS}")
+        with ResultStore(self.store_path) as store:
+            saved = store.meta(f"config:{self.objective}")
+            config = self.config()
+            if saved is not None and _comparable(saved) != _comparable(config):
+                raise StitchError(
+                    f"{self.store_path} holds a different study (its settings differ); "
+                    "use another output folder, or delete that file to start over"
+                )
+            # a rerun may add pairs (e.g. after a trial on a few): record the union
+            for key in (f"config:{self.objective}", "config"):
+                previous = store.meta(key) or {}
+                pairs = [tuple(p) for p in previous.get("pairs", [])] + [tuple(p) for p in config["pairs"]]
+                base = previous if key == "config" and previous else config
+                store.set_meta(key, {**base, "pairs": [list(p) for p in dict.fromkeys(pairs)]})
+            done = store.done()
+            failed = {(f["sender"], f["receiver"]) for f in store.failures(self.objective)}
+            pending = [
+                p
+                for p in self.pairs
+                if any(c.key not in done for c in self._pair_cells(*p)) and (retry_failed or p not in failed)
+            ]
+            total = sum(len(self._pair_cells(*p)) for p in pending)
+            if executor == "ray":
+                outcomes = run_ray(self, pending, address=address, max_retries=max_retries, cpus_per_task=cpus_per_task)
+            else:
+                outcomes = run_local(self._run_pair, pending)
+            with tqdm(total=total, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True) as bar:
+                for (a, b), outcome in outcomes:
+                    if isinstance(outcome, PairFailure):
+                        store.add_failure(a, b, self.objective, outcome.error, outcome.attempts)
+                        bar.write(f"failed: {a} -> {b}: {outcome.error.splitlines()[-1]}")
+                    else:
+                        rows, weights = outcome
+                        meta = {"sender": a, "receiver": b, "objective": self.objective, "recipe": repr(self.recipe)}
+                        save_checkpoint(self.stitch_path(a, b), weights, meta)
+                        store.add(rows)
+                        store.clear_failure(a, b, self.objective)
+                    bar.set_postfix_str(f"{a} -> {b}")
+                    bar.update(len(self._pair_cells(a, b)))
+        return self
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Pairs of this objective that failed: sender, receiver, error, attempts."""
+        with ResultStore(self.store_path) as store:
+            return store.failures(self.objective)
+
+    def stitch_path(self, sender: str, receiver: str, objective: str | None = None) -> Path:
+        """Where the trained stitches of one ordered pair are saved (safetensors)."""
+        return self.out / "stitches" / f"{slug(sender)}__{slug(receiver)}__{objective or self.objective}.safetensors"
+
+    def load_cells(self, sender: str, receiver: str, objective: str | None = None) -> dict[Cell, StitchedModel]:
+        """The trained stitched models of one finished pair, rebuilt from the saved stitch weights.
+
+        Returns:
+            ``{cell: stitched model}`` for every cell of the pair, in eval mode.
+
+        Raises:
+            StitchError: the pair has not been run with that objective.
+        """
+        objective = objective or self.objective
+        path = self.stitch_path(sender, receiver, objective)
+        if not path.is_file():
+            raise StitchError(f"no trained stitches for {sender} -> {receiver} ({objective}): {path} is missing")
+        weights, _ = load_checkpoint(path)
+        built = self._build_pair(sender, receiver, objective)
+        out = {}
+        for cell, m in built:
+            prefix = f"{m.sender_layer}->{m.receiver_layer}."
+            m.stitch.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+            out[cell] = m.eval()
+        return out
+
+    def _build_pair(self, a: str, b: str, objective: str) -> list[tuple[Cell, StitchedModel]]:
+        sender, receiver = self.models[a].to(self.device), self.models[b].to(self.device)
+        example = self.example_input
+        if isinstance(example, torch.Tensor):
+            example = example.to(self.device)
+        specs_a = self._specs(sender, a, example)
+        specs_b = self._specs(receiver, b, example)
+        suffixes = {rl: suffix(receiver, rl, example_input=example) for rl in self.layers[b]}
+        built = []
+        for cell in self._pair_cells(a, b, objective):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cell.seed(self.seed))
+                stitched = assemble(
+                    sender,
+                    receiver,
+                    specs_a[cell.sender_layer],
+                    specs_b[cell.receiver_layer],
+                    suffixes[cell.receiver_layer],
+                    kind=self.kind,
+                    init=self.init,
+                    init_data=self.train_data if self.init == "lstsq" else None,
+                )
+            built.append((cell, stitched))
+        return built
+
+    def _run_pair(self, a: str, b: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        built = self._build_pair(a, b, self.objective)
+        cells = [cell for cell, _ in built]
+        stitched = [m for _, m in built]
+        start = time.perf_counter()
+        init_results = None
+        if self.init == "lstsq":
+            init_results = self._evaluate(stitched)
+        results = train_stitches(
+            stitched,
+            self.train_data,
+            objective=self.objective,  # type: ignore[arg-type]
+            recipe=self.recipe,
+            device=self.device,
+            progress=False,
+            cache=self.cache,
+            memory_budget=self.memory_budget,
+        )
+        evaluation = self._evaluate(stitched)
+        seconds = (time.perf_counter() - start) / len(cells)
+        rows = []
+        for k, (cell, result, ev) in enumerate(zip(cells, results, evaluation)):
+            rows.append(
+                {
+                    **dict(zip(("sender", "sender_layer", "receiver", "receiver_layer", "objective"), cell.key)),
+                    "sender_index": self.layers[a].index(cell.sender_layer),
+                    "receiver_index": self.layers[b].index(cell.receiver_layer),
+                    "sender_depth": len(self.layers[a]) - 1,
+                    "receiver_depth": len(self.layers[b]) - 1,
+                    "accuracy": ev["accuracy"],
+                    "loss": ev["loss"],
+                    "train_loss": result.final_loss,
+                    "init_accuracy": None if init_results is None else init_results[k]["accuracy"],
+                    "seconds": seconds,
+                    "seed": cell.seed(self.seed),
+                    "recipe": repr(self.recipe),
+                    "version": __version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
+        weights = {
+            f"{m.sender_layer}->{m.receiver_layer}.{k}": v.detach().cpu()
+            for m in stitched
+            for k, v in m.stitch.state_dict().items()
+        }
+        return rows, weights
+
+    def _specs(self, model: nn.Module, name: str, example: Any) -> dict[str, Any]:
+        try:
+            return {s.name: s for s in layer_specs(model, example, self.layers[name])}
+        except StitchError as err:
+            raise StitchError(f"network {name!r}: {err}") from None
+
+    def _evaluate(self, stitched: list) -> list[dict[str, float]]:
+        return evaluate_stitches(stitched, self.test_data, device=self.device, batch_size=self.eval_batch_size)
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def results(self) -> StudyResults:
+        """The finished cells of this study (read from its store)."""
+        return StudyResults(self.out, self.config(), self.pairs)
+
+    def rows(self, **where: Any) -> list[dict[str, Any]]:
+        """Finished cells as dicts (see `StudyResults.rows`)."""
+        return self.results.rows(**where)
+
+    def matrix(self, sender: str, receiver: str, *, value: str = "accuracy") -> np.ndarray:
+        """The ``[I, J]`` similarity matrix of one ordered pair (see `StudyResults.matrix`)."""
+        return self.results.matrix(sender, receiver, value=value)
+
+    def to_csv(self, path: str | Path | None = None) -> Path:
+        """Write the tidy table of finished cells (default ``out/cells.csv``)."""
+        return self.results.to_csv(path)
+
+    def plot(self, path: str | Path | None = None, **kwargs: Any) -> Figure:
+        """Heatmaps of each trained pair beside its control pair (see `StudyResults.plot`)."""
+        return self.results.plot(path, **kwargs)
+
+
+def _first_input(data: Any) -> Any:
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, torch.utils.data.DataLoader):
+        x, _ = split_batch(data[0])
+        return x.unsqueeze(0) if isinstance(x, torch.Tensor) else x
+    x, _ = split_batch(next(iter(data)))
+    return x[:2] if isinstance(x, torch.Tensor) else x
+
+
+def _comparable(config: dict[str, Any]) -> str:
+    """The settings that decide every cell's result (which pairs are run does not)."""
+    import json
+
+    return json.dumps({k: v for k, v in config.items() if k != "pairs"}, sort_keys=True, default=str)

@@ -1,0 +1,33 @@
+"""Layer 3, training: the recipe, the one optimisation loop, the activation cache, evaluation.
+
+`train_stitch`/`train_stitches` train stitches with the sender and receiver
+frozen (many cells per pass over the data, optionally from an
+`ActivationCache`); `evaluate`/`evaluate_stitches` measure accuracy;
+`optimise` is the loop that stitch and classifier training share.
+"""
+
+from ._cache import ActivationCache
+from ._evaluate import evaluate, evaluate_stitches, stitching_penalty
+from ._loop import StepLosses, autocast, optimise, total_steps
+from ._plan import LossFn, Plan, cross_entropy
+from ._recipe import Recipe
+from ._train import Objective, TrainResult, train_stitch, train_stitches
+
+__all__ = [
+    "ActivationCache",
+    "LossFn",
+    "Objective",
+    "Plan",
+    "Recipe",
+    "StepLosses",
+    "TrainResult",
+    "autocast",
+    "cross_entropy",
+    "evaluate",
+    "evaluate_stitches",
+    "optimise",
+    "stitching_penalty",
+    "total_steps",
+    "train_stitch",
+    "train_stitches",
+]

@@ -1,0 +1,116 @@
+"""The one optimisation loop: stitches and classifiers train through `optimise`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._errors import StitchError
+from ._recipe import Recipe
+
+__all__ = ["StepLosses", "autocast", "optimise", "total_steps"]
+
+StepLosses = Callable[[], Iterator[tuple[list[int], list[torch.Tensor]]]]
+"""Called once per step: draws a batch and yields ``(indices, scalar losses)`` group by group.
+
+Each group's losses are back-propagated before the next group is computed, so
+only one group's autograd graph is alive at a time. ``indices`` say which of
+the optimised parameter sets each loss belongs to.
+"""
+
+
+def autocast(recipe: Recipe, device: torch.device) -> torch.autocast:
+    """Mixed precision for a training or caching step: on CUDA when ``recipe.amp``."""
+    return torch.autocast(
+        device_type=device.type,
+        dtype=getattr(torch, recipe.amp_dtype),
+        enabled=recipe.amp and device.type == "cuda",
+    )
+
+
+def optimise(
+    parameter_sets: Sequence[Iterable[nn.Parameter]],
+    step_losses: StepLosses,
+    *,
+    recipe: Recipe,
+    device: torch.device,
+    total_steps: int,
+    steps_per_epoch: int,
+    progress: bool = False,
+    describe: Callable[[int], str] = lambda i: f"model {i}",
+) -> list[list[float]]:
+    """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
+
+    Every set gets ``recipe.optimizer`` and ``recipe.scheduler``; with
+    ``recipe.amp`` on CUDA and ``amp_dtype="float16"`` a gradient scaler;
+    gradients are clipped to ``recipe.grad_clip`` when set. A non-finite loss
+    stops training before any optimiser steps on it.
+
+    Args:
+        parameter_sets: the parameters of each independently trained model.
+        step_losses: draws one batch and yields its losses (see `StepLosses`).
+        recipe: optimiser, schedule and numerics.
+        device: where the losses live.
+        total_steps: optimiser steps to take.
+        steps_per_epoch: steps whose losses are averaged into one epoch loss.
+        progress: show a tqdm bar.
+        describe: names parameter set ``i`` in error messages.
+
+    Returns:
+        For each parameter set, the mean training loss of each epoch.
+
+    Raises:
+        StitchError: a loss became NaN or infinite (the message names the step
+            and the model).
+    """
+    use_amp = recipe.amp and device.type == "cuda"
+    optimizers = [recipe.optimizer(params) for params in parameter_sets]
+    schedulers = [recipe.scheduler(opt, total_steps) for opt in optimizers]
+    clipped = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and recipe.amp_dtype == "float16")
+    epoch_losses: list[list[float]] = [[] for _ in optimizers]
+    sums = torch.zeros(len(optimizers), dtype=torch.float64)
+    count = 0
+    with tqdm(total=total_steps, desc="train", unit="step", disable=not progress, leave=False) as bar:
+        for step in range(total_steps):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            losses = torch.zeros(len(optimizers), dtype=torch.float32, device=device)
+            for group, group_losses in step_losses():
+                stacked = torch.stack([loss.float() for loss in group_losses])
+                losses[group] = stacked.detach()
+                scaler.scale(stacked.sum()).backward()
+            values = losses.double().cpu()
+            if not torch.isfinite(values).all():
+                bad = int((~torch.isfinite(values)).nonzero()[0])
+                raise StitchError(
+                    f"the loss became {values[bad].item()} at step {step + 1} of {total_steps} for "
+                    f"{describe(bad)}; lower the learning rate, set Recipe(grad_clip=...), or check the data"
+                )
+            for params, opt, scheduler in zip(clipped, optimizers, schedulers):
+                if recipe.grad_clip is not None:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+                scaler.step(opt)
+                scheduler.step()
+            scaler.update()
+            sums += values
+            count += 1
+            if count == steps_per_epoch or step == total_steps - 1:
+                for i, value in enumerate((sums / count).tolist()):
+                    epoch_losses[i].append(value)
+                sums.zero_()
+                count = 0
+            bar.update(1)
+            if len(optimizers) == 1:
+                bar.set_postfix(loss=f"{values[0].item():.4f}", refresh=False)
+    return epoch_losses
+
+
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimiser steps for a (possibly fractional) number of epochs; at least one."""
+    return max(1, math.ceil(epochs * steps_per_epoch))

@@ -1,0 +1,130 @@
+"""`Recipe`: the optimiser, schedule and numerics of one training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import torch
+
+from .._errors import StitchError
+
+__all__ = ["Recipe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How to train: optimiser, learning-rate schedule, numerics and seed.
+
+    The defaults are the stitch recipe of Hernandez et al.: SGD with momentum
+    0.9, learning rate 0.01 at batch size 256, weight decay 0.01, 4 epochs,
+    a linear warmup and then cosine decay to zero.
+
+    Attributes:
+        lr: learning rate at batch size ``base_batch_size``; the rate used is
+            scaled linearly with ``batch_size`` (see `scaled_lr`).
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay (SGD's ``weight_decay``).
+        batch_size: samples per optimiser step.
+        epochs: passes over the training data.
+        warmup: fraction of all steps spent in the linear warmup, in [0, 1).
+        base_batch_size: the batch size at which ``lr`` is quoted.
+        nesterov: Nesterov momentum.
+        amp: mixed precision on CUDA (ignored on CPU).
+        amp_dtype: ``"bfloat16"`` or ``"float16"``.
+        channels_last: use the channels-last memory format for 4-D tensors.
+        grad_clip: clip the gradient norm to this value, or ``None``.
+        seed: seeds the stitch's initialisation and the data order.
+
+    Examples:
+        >>> Recipe()
+        Recipe(lr=0.01, momentum=0.9, weight_decay=0.01, batch_size=256, epochs=4, warmup=0.1, seed=0)
+        >>> Recipe(batch_size=128).scaled_lr
+        0.005
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    epochs: float = 4
+    warmup: float = 0.1
+    base_batch_size: int = 256
+    nesterov: bool = False
+    amp: bool = True
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = False
+    grad_clip: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, "lr must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.base_batch_size >= 1, "base_batch_size must be >= 1"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (0 <= self.warmup < 1, "warmup is a fraction of all steps, in [0, 1)"),
+            (self.momentum >= 0, "momentum must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.amp_dtype in ("bfloat16", "float16"), "amp_dtype must be 'bfloat16' or 'float16'"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be None or > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise StitchError(f"Recipe: {message} (got {self!r})")
+
+    def __repr__(self) -> str:
+        fields = [f for f in dataclasses.fields(self) if f.name not in _REPR_ALWAYS]
+        shown = [f"{name}={getattr(self, name)!r}" for name in _REPR_ALWAYS]
+        shown[-1:-1] = [f"{f.name}={getattr(self, f.name)!r}" for f in fields if getattr(self, f.name) != f.default]
+        return f"Recipe({', '.join(shown)})"
+
+    @property
+    def scaled_lr(self) -> float:
+        """``lr`` scaled linearly from ``base_batch_size`` to ``batch_size``."""
+        return self.lr * self.batch_size / self.base_batch_size
+
+    def replace(self, **changes: object) -> Recipe:
+        """A copy with some fields changed (validated like the constructor).
+
+        Examples:
+            >>> Recipe().replace(epochs=30).epochs
+            30
+        """
+        return dataclasses.replace(self, **changes)
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of `scaled_lr` at optimiser step ``step`` (0-based).
+
+        Linear warmup over the first ``warmup * total_steps`` steps, then a
+        cosine decay that reaches zero one step after the last.
+
+        Examples:
+            >>> r = Recipe(warmup=0.25)
+            >>> [round(r.lr_factor(s, 8), 3) for s in range(8)]
+            [0.5, 1.0, 1.0, 0.933, 0.75, 0.5, 0.25, 0.067]
+        """
+        warmup_steps = math.floor(self.warmup * total_steps)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / decay_steps
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+        """SGD over ``params`` at `scaled_lr` with this recipe's momentum and decay."""
+        return torch.optim.SGD(
+            params,
+            lr=self.scaled_lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            nesterov=self.nesterov,
+        )
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warmup-then-cosine schedule over ``total_steps`` optimiser steps."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total_steps))
+
+
+_REPR_ALWAYS = ("lr", "momentum", "weight_decay", "batch_size", "epochs", "warmup", "seed")

@@ -1,0 +1,44 @@
+"""The paper's model zoo: small CIFAR-style ResNets, their training and files.
+
+Hernandez et al. stitch 16 small ResNets, ``R1111`` to ``R2222``: the four
+digits are the number of residual blocks in each of the four stages, so
+``R2222`` is ResNet18 laid out for 32x32 inputs. This module builds them
+(`small_resnet`), names their stitchable layers (`layer_names`), makes
+random-weight controls (`random_control`), trains and evaluates them as
+classifiers (`train_classifier`, `evaluate_classifier`) and saves and loads them
+as ``.safetensors`` files (`save_model`, `load_model`).
+
+Examples:
+    >>> model = small_resnet("R1211", width=16)
+    >>> model.architecture, layer_names(model)[:3]
+    ('R1211', ['stem', 'layer1.0', 'layer2.0'])
+"""
+
+from ._classifier import CLASSIFIER_RECIPE, evaluate_classifier, train_classifier
+from ._files import load_model, save_model
+from ._resnet import (
+    ARCHITECTURES,
+    Blocks,
+    SmallResNet,
+    architecture_name,
+    layer_names,
+    parse_blocks,
+    random_control,
+    small_resnet,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "CLASSIFIER_RECIPE",
+    "Blocks",
+    "SmallResNet",
+    "architecture_name",
+    "evaluate_classifier",
+    "layer_names",
+    "load_model",
+    "parse_blocks",
+    "random_control",
+    "save_model",
+    "small_resnet",
+    "train_classifier",
+]
