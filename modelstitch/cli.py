@@ -101,7 +101,12 @@ def _study_run(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         download=args.download,
         progress=not args.quiet,
-        run_options={"executor": args.executor, "address": args.address, "retry_failed": args.retry_failed},
+        run_options={
+            "executor": args.executor,
+            "address": args.address,
+            "retry_failed": args.retry_failed,
+            "keep_going": args.keep_going,
+        },
     )
     n = len(study.rows())
     print(f"{n} cells in {study.store_path}; table {study.out / 'cells.csv'}; heatmaps {study.out / 'heatmaps.png'}")
@@ -194,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["local", "ray"], default="local", help="run pairs here or as Ray tasks")
     run.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray)")
     run.add_argument("--retry-failed", action="store_true", help="run pairs that failed before again")
+    run.add_argument(
+        "--keep-going", action="store_true", help="record a pair that raises and go on (default: stop, naming it)"
+    )
     _common(run, out_default="runs/quick")
     run.set_defaults(func=_study_run)
 

@@ -178,3 +178,27 @@ def test_layer_specs_leaves_model_untouched(resnet):
 def test_list_layers_names_every_module():
     net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
     assert ms.list_layers(net) == ["input", "0", "1", "1.0"]
+
+
+class _Guarded(nn.Module):
+    """A model whose forward catches every Exception (as some research code does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.second_ran = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            h = self.first(x)
+        except Exception:  # noqa: BLE001 - the point of the test
+            h = x
+        self.second_ran += 1
+        return self.second(h)
+
+
+def test_early_stop_is_not_swallowed_by_a_models_except_exception():
+    model = _Guarded()
+    out = ms.activations(model, torch.randn(3, 4), ["first"])
+    assert out["first"].shape == (3, 4)
+    assert model.second_ran == 0  # the forward stopped right after 'first'

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,11 +77,64 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
         r"runs more than once per forward; address one call as 'layer1.0.relu:0', 'layer1.0.relu:1'",
     ),
     (
+        "SQL through a rows() keyword",
+        lambda n: _store(n).rows(**{"1=1 OR sender": "x"}),
+        r"unknown column\(s\) \['1=1 OR sender'\]; the columns are \['sender', 'sender_layer'",
+    ),
+    (
+        "labels out of range",
+        lambda n: ms.train_stitch(
+            _stitch(n["a"], n["b"]),
+            [(torch.randn(8, 3, 32, 32), torch.full((8,), 12))],
+            recipe=ms.Recipe(epochs=1, batch_size=8),
+            device="cpu",
+            progress=False,
+        ),
+        r"labels must be class indices 0..9 for the receiver's 10 outputs; this batch has labels from 12 to 12",
+    ),
+    (
+        "NaN activations into least squares",
+        lambda n: ms.fit_least_squares(
+            _stitch(n["a"], n["b"]), [(torch.full((4, 3, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long))]
+        ),
+        r"least-squares init saw NaN or infinite activations",
+    ),
+    (
+        "a pair that raises stops the study, named",
+        lambda n: _failing_study(n).run(progress=False),
+        r"pair a -> b failed: StitchError: .*no layer 'nope'.*--keep-going",
+    ),
+    (
         "wrong channel count at run time",
         lambda n: _stitch(n["a"], n["b"])(torch.randn(2, 5, 32, 32)),
         r"cell SmallResNet\['layer1.0'\] -> SmallResNet\['layer1.0'\] failed: .*5 channels",
     ),
 ]
+
+
+def _store(n: dict[str, nn.Module]) -> ms.study.ResultStore:
+    import tempfile
+
+    return ms.study.ResultStore(Path(tempfile.mkdtemp()) / "s.sqlite")
+
+
+def _failing_study(n: dict[str, nn.Module], **kw) -> ms.Study:
+    import tempfile
+
+    from modelstitch import data
+
+    small = data.subset(data.digits(), 16)
+    return ms.Study(
+        {"a": n["a"], "b": n["b"]},
+        train_data=small,
+        test_data=small,
+        out=tempfile.mkdtemp(),
+        pairs=[("a", "b")],
+        layers={"a": ["stem"], "b": ["nope"]},
+        recipe=ms.Recipe(epochs=1, batch_size=8),
+        device="cpu",
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("name, call, message", FAILS, ids=[c[0] for c in FAILS])
@@ -138,3 +192,20 @@ def test_old_top_level_names_warn_and_still_work():
     with pytest.warns(DeprecationWarning, match=r"modelstitch.ResultStore moved to modelstitch.study.ResultStore"):
         store_class = ms.ResultStore
     assert store_class is ms.study.ResultStore
+
+
+def test_keep_going_records_the_failure_and_the_cli_exits_non_zero(tmp_path, capsys):
+    study = _failing_study(_nets())
+    study.run(progress=False, keep_going=True)
+    (failure,) = study.failures()
+    assert (failure["sender"], failure["receiver"]) == ("a", "b")
+    assert "no layer 'nope'" in failure["error"]
+
+
+def test_cli_refuses_a_data_root_the_preset_does_not_read(tmp_path, capsys):
+    from modelstitch import cli
+
+    code = cli.main(["study", "run", "--preset", "quick", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "reads no --data-root" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

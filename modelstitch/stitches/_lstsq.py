@@ -92,7 +92,14 @@ class LeastSquares:
         a = self.xtx.clone()
         d = a.shape[0] - int(self.bias)
         a[range(d), range(d)] += ridge * a.diagonal()[:d].mean().clamp_min(1e-12)
+        if not (torch.isfinite(a).all() and torch.isfinite(self.xty).all()):
+            raise StitchError("least-squares init saw NaN or infinite activations; check the data and the networks")
         w = torch.linalg.lstsq(a, self.xty).solution if ridge == 0 else torch.linalg.solve(a, self.xty)
+        if not torch.isfinite(w).all():
+            raise StitchError(
+                f"least squares with ridge={ridge} gave non-finite weights (the provided features are collinear); "
+                "use a ridge > 0, e.g. the default 1e-4"
+            )
         weight, bias = w[:d].T, (w[d] if self.bias else None)
         with torch.no_grad():
             self.layer.weight.copy_(weight.reshape(self.layer.weight.shape).to(self.layer.weight))

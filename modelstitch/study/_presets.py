@@ -170,6 +170,11 @@ def build_preset_study(
     if name not in PRESETS:
         raise StitchError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
+    if data_root is not None and preset.dataset == "digits":
+        raise StitchError(
+            f"preset {name!r} runs on the bundled digits and reads no --data-root; drop it, or choose a CIFAR-10 "
+            f"preset ({', '.join(sorted(p.name for p in PRESETS.values() if p.dataset == 'cifar10'))})"
+        )
     out = Path(out)
     dev = resolve_device(device)
     train_aug = load_dataset(preset.dataset, train=True, root=data_root, augment=True, download=download)

@@ -149,7 +149,14 @@ class ResultStore:
         return set(self._db.execute(f"SELECT {', '.join(KEY_COLUMNS)} FROM cells").fetchall())
 
     def rows(self, **where: Any) -> list[dict[str, Any]]:
-        """Finished cells as dicts, optionally filtered by column equality, in a stable order."""
+        """Finished cells as dicts, optionally filtered by column equality, in a stable order.
+
+        Raises:
+            StitchError: a keyword is not one of `CELL_COLUMNS`.
+        """
+        unknown = sorted(set(where) - set(CELL_COLUMNS))
+        if unknown:
+            raise StitchError(f"rows(): unknown column(s) {unknown}; the columns are {list(CELL_COLUMNS)}")
         clause = " AND ".join(f"{k} = ?" for k in where)
         sql = f"SELECT {', '.join(CELL_COLUMNS)} FROM cells" + (f" WHERE {clause}" if clause else "")
         sql += " ORDER BY sender, receiver, objective, sender_index, receiver_index"

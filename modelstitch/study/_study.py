@@ -226,6 +226,7 @@ class Study:
         max_retries: int = 2,
         retry_failed: bool = False,
         cpus_per_task: float = 1,
+        keep_going: bool = False,
     ) -> Study:
         """Train and evaluate every unfinished cell; finished pairs are skipped.
 
@@ -235,15 +236,22 @@ class Study:
                 task; needs ``pip install "modelstitch[ray]"``). Either way only
                 this process writes the store, as results arrive.
             address: the Ray cluster to join (``None``: start a local one).
-            max_retries: Ray retries of a pair whose worker died.
+            max_retries: retries of a pair that ran out of device memory (or
+                whose Ray worker died) before it is recorded as failed.
             retry_failed: also run pairs that failed before (otherwise they are
                 skipped and listed by `failures`).
             cpus_per_task: CPUs per Ray task.
+            keep_going: record a pair that raises (see `failures`) and go on;
+                by default it stops the study with the pair named.
 
         Returns:
             ``self``, for chaining (``study.run().matrix(a, b)``). Pairs that
-            failed are recorded in the store (see `failures`) and do not stop
-            the others.
+            ran out of memory (after retries), and with ``keep_going`` pairs
+            that raised, are recorded in the store (see `failures`).
+
+        Raises:
+            StitchError: a pair raised and ``keep_going`` is False; finished
+                pairs are kept, so a rerun resumes.
         """
         from ._executors import EXECUTORS, PairFailure, run_local, run_ray
 
@@ -272,9 +280,16 @@ class Study:
             ]
             total = sum(len(self._pair_cells(*p)) for p in pending)
             if executor == "ray":
-                outcomes = run_ray(self, pending, address=address, max_retries=max_retries, cpus_per_task=cpus_per_task)
+                outcomes = run_ray(
+                    self,
+                    pending,
+                    address=address,
+                    max_retries=max_retries,
+                    cpus_per_task=cpus_per_task,
+                    keep_going=keep_going,
+                )
             else:
-                outcomes = run_local(self._run_pair, pending)
+                outcomes = run_local(self._run_pair, pending, keep_going=keep_going, max_retries=max_retries)
             with tqdm(total=total, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True) as bar:
                 for (a, b), outcome in outcomes:
                     if isinstance(outcome, PairFailure):

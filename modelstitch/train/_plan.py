@@ -23,7 +23,17 @@ def cross_entropy(output: Any, labels: torch.Tensor) -> torch.Tensor:
         raise StitchError(
             f"the receiver returns {type(output).__name__}, not logits; pass loss_fn=lambda output, labels: ..."
         )
-    return F.cross_entropy(output.float(), labels)
+    try:
+        return F.cross_entropy(output.float(), labels)
+    except (IndexError, RuntimeError):
+        if output.dim() == 2 and labels.dtype in (torch.int64, torch.int32) and labels.numel():
+            low, high, classes = int(labels.min()), int(labels.max()), output.shape[1]
+            if low < 0 or high >= classes:
+                raise StitchError(
+                    f"labels must be class indices 0..{classes - 1} for the receiver's {classes} outputs; "
+                    f"this batch has labels from {low} to {high}"
+                ) from None
+        raise
 
 
 class Plan:
