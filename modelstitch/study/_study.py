@@ -86,6 +86,9 @@ class Study:
         example_input: a batch like the data, for probing shapes; by default
             the first training sample.
         eval_batch_size: batch size of the evaluation pass.
+        share_suffix: run each receiver suffix once per step for all cells
+            that stitch into the same receiver layer (see `train_stitches`).
+        cache_dtype: dtype of cached activations (see `train_stitches`).
 
     Examples:
         >>> from modelstitch import zoo, data
@@ -121,6 +124,8 @@ class Study:
         memory_budget: int = 2 * 1024**3,
         example_input: Any = None,
         eval_batch_size: int = 256,
+        share_suffix: bool = False,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         if not models:
             raise StitchError("a Study needs at least one network in models={name: module}")
@@ -140,6 +145,8 @@ class Study:
         self.cache = cache
         self.memory_budget = memory_budget
         self.eval_batch_size = eval_batch_size
+        self.share_suffix = share_suffix
+        self.cache_dtype = cache_dtype
         self.layers = {name: list(self._layers_of(name, layers)) for name in self.models}
         self.pairs = self._expand_pairs(pairs)
         self.example_input = example_input if example_input is not None else _first_input(train_data)
@@ -212,6 +219,7 @@ class Study:
             "init": self.init,
             "seed": self.seed,
             "recipe": repr(self.recipe),
+            "cache_dtype": None if self.cache_dtype is None else str(self.cache_dtype),
             "pairs": [list(p) for p in self.pairs],
         }
 
@@ -378,6 +386,8 @@ class Study:
             progress=False,
             cache=self.cache,
             memory_budget=self.memory_budget,
+            share_suffix=self.share_suffix,
+            cache_dtype=self.cache_dtype,
         )
         evaluation = self._evaluate(stitched)
         seconds = (time.perf_counter() - start) / len(cells)
@@ -415,7 +425,9 @@ class Study:
             raise StitchError(f"network {name!r}: {err}") from None
 
     def _evaluate(self, stitched: list) -> list[dict[str, float]]:
-        return evaluate_stitches(stitched, self.test_data, device=self.device, batch_size=self.eval_batch_size)
+        return evaluate_stitches(
+            stitched, self.test_data, device=self.device, batch_size=self.eval_batch_size, recipe=self.recipe
+        )
 
     # ------------------------------------------------------------------ results
 

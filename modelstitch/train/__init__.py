@@ -8,7 +8,7 @@ frozen (many cells per pass over the data, optionally from an
 
 from ._cache import ActivationCache
 from ._evaluate import evaluate, evaluate_stitches, stitching_penalty
-from ._loop import StepLosses, autocast, optimise, total_steps
+from ._loop import StepLosses, optimise, total_steps
 from ._plan import LossFn, Plan, cross_entropy
 from ._recipe import Recipe
 from ._train import Objective, TrainResult, train_stitch, train_stitches
@@ -21,7 +21,6 @@ __all__ = [
     "Recipe",
     "StepLosses",
     "TrainResult",
-    "autocast",
     "cross_entropy",
     "evaluate",
     "evaluate_stitches",

@@ -1,27 +1,17 @@
-"""`ActivationCache`: per-sample tensors of a dataset, held in RAM or spilled to disk."""
+"""`ActivationCache`: per-sample tensors of a dataset, held in RAM or spilled to disk, in any dtype."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .._errors import StitchError
 
 __all__ = ["ActivationCache"]
-
-_NUMPY = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.float64: np.float64,
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-    torch.uint8: np.uint8,
-    torch.bool: np.bool_,
-}
 
 
 class ActivationCache:
@@ -29,8 +19,18 @@ class ActivationCache:
 
     Arrays are allocated on the first write of each key. They live in RAM (on
     ``device``) while the running total stays under ``memory_budget`` bytes;
-    later arrays are numpy memory maps in a temporary directory that `close`
-    deletes. Use it as a context manager.
+    later arrays are memory-mapped files (``torch.from_file``) in a temporary
+    directory that `close` deletes, so every dtype spills, bfloat16 included.
+    Use it as a context manager.
+
+    Args:
+        capacity: samples per key.
+        memory_budget: bytes kept in memory; the rest goes to disk.
+        device: where the in-memory arrays live.
+        directory: where spilled arrays go (default: the system temp folder).
+        dtype: store floating-point rows in this dtype (e.g. ``torch.bfloat16``
+            to halve a float32 cache); ``None`` keeps each key's own dtype.
+            Integer rows (labels) are always kept as they are.
 
     Examples:
         >>> with ActivationCache(4, memory_budget=0) as cache:  # everything on disk
@@ -39,6 +39,10 @@ class ActivationCache:
         ...     cache.gather("a", torch.tensor([3, 0]))
         tensor([[1., 1., 1.],
                 [0., 1., 2.]])
+        >>> with ActivationCache(2, memory_budget=0) as cache:
+        ...     cache.write("h", 0, torch.ones(2, 3, dtype=torch.bfloat16))
+        ...     cache.gather("h", torch.tensor([1])).dtype
+        torch.bfloat16
     """
 
     def __init__(
@@ -48,16 +52,20 @@ class ActivationCache:
         memory_budget: int = 2 * 1024**3,
         device: torch.device | str = "cpu",
         directory: str | Path | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if capacity <= 0:
             raise StitchError(f"an activation cache needs at least one sample, got capacity={capacity}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise StitchError(f"an activation cache's dtype must be a floating-point dtype or None, got {dtype}")
         self.capacity = capacity
         self.memory_budget = memory_budget
         self.device = torch.device(device)
         self.directory = directory
+        self.dtype = dtype
         self.rows = 0
         self._ram: dict[str, torch.Tensor] = {}
-        self._disk: dict[str, np.memmap] = {}
+        self._disk: dict[str, torch.Tensor] = {}
         self._tmp: Path | None = None
         self.bytes_in_memory = 0
         self.bytes_on_disk = 0
@@ -76,34 +84,43 @@ class ActivationCache:
         end = start + rows.shape[0]
         if end > self.capacity:
             raise StitchError(f"activation cache overflow: {end} samples for a capacity of {self.capacity}")
+        if self.dtype is not None and rows.is_floating_point():
+            rows = rows.to(self.dtype)
         if key not in self:
             self._allocate(key, tuple(rows.shape[1:]), rows.dtype)
         if key in self._ram:
             self._ram[key][start:end] = rows.to(self.device, non_blocking=True)
         else:
-            self._disk[key][start:end] = rows.detach().cpu().numpy()
+            self._disk[key][start:end] = rows.detach().cpu()
         self.rows = max(self.rows, end)
 
     def gather(self, key: str, index: torch.Tensor) -> torch.Tensor:
-        """Rows at sample positions ``index`` (``[b]``), as a ``[b, ...]`` tensor."""
+        """Rows at sample positions ``index`` (``[b]``), as a ``[b, ...]`` tensor.
+
+        Spilled rows are read in file order (then put back in ``index`` order)
+        and returned on the CPU.
+        """
         if key in self._ram:
             return self._ram[key].index_select(0, index.to(self.device))
-        rows = self._disk[key][np.sort(index.cpu().numpy())]
-        order = torch.argsort(torch.argsort(index.cpu()))
-        return torch.from_numpy(rows)[order]
+        index = index.cpu()
+        order = torch.argsort(index)
+        rows = self._disk[key].index_select(0, index[order])
+        return rows[torch.argsort(order)]
 
     def _allocate(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        nbytes = self.capacity * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        numel = self.capacity * math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if self.bytes_in_memory + nbytes <= self.memory_budget:
             self._ram[key] = torch.empty((self.capacity, *shape), dtype=dtype, device=self.device)
             self.bytes_in_memory += nbytes
             return
-        if dtype not in _NUMPY:
-            raise StitchError(f"cannot spill {dtype} activations to disk; raise memory_budget")
         if self._tmp is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="modelstitch-cache-", dir=self.directory))
-        path = self._tmp / f"{len(self._disk)}.npy"
-        self._disk[key] = np.lib.format.open_memmap(path, mode="w+", dtype=_NUMPY[dtype], shape=(self.capacity, *shape))
+        path = self._tmp / f"{len(self._disk)}.bin"
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        mapped = torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+        self._disk[key] = mapped.view(self.capacity, *shape)
         self.bytes_on_disk += nbytes
 
     def close(self) -> None:

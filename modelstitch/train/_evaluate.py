@@ -14,6 +14,7 @@ from .._errors import StitchError
 from ..core import BatchFn, as_loader, frozen, iterate_batches, resolve_device
 from ..stitches import StitchedModel
 from ._plan import LossFn, Plan, cross_entropy
+from ._recipe import Recipe
 
 __all__ = ["evaluate", "evaluate_stitches", "stitching_penalty"]
 
@@ -29,11 +30,15 @@ def evaluate_stitches(
     batch_size: int = 256,
     progress: bool = False,
     num_workers: int = 0,
+    recipe: Recipe | None = None,
 ) -> list[dict[str, float]]:
     """Accuracy and mean loss of several classifiers over one pass of ``data``.
 
     Stitched models that share a sender run it once per batch for all their
     layers. Models are moved to ``device``; modes are restored afterwards.
+    Given the ``recipe`` the stitches were trained with, the forward passes
+    run in its numerics (its autocast), so evaluation sees what training saw;
+    without one they run in full precision.
 
     Returns:
         One ``{"accuracy": float in [0, 1], "loss": float}`` per model.
@@ -57,6 +62,8 @@ def evaluate_stitches(
         modes = [(s.stitch, s.stitch.training) for s in stitched]
         for s in stitched:
             s.stitch.eval()
+        if recipe is not None:
+            stack.enter_context(recipe.autocast(dev))
         try:
             for x, y in tqdm(iterate_batches(loader, dev, batch_fn), desc="eval", disable=not progress, leave=False):
                 if y is None:

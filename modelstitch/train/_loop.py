@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .._errors import StitchError
 from ._recipe import Recipe
 
-__all__ = ["StepLosses", "autocast", "optimise", "total_steps"]
+__all__ = ["StepLosses", "optimise", "total_steps"]
 
 StepLosses = Callable[[], Iterator[tuple[list[int], list[torch.Tensor]]]]
 """Called once per step: draws a batch and yields ``(indices, scalar losses)`` group by group.
@@ -21,15 +21,6 @@ Each group's losses are back-propagated before the next group is computed, so
 only one group's autograd graph is alive at a time. ``indices`` say which of
 the optimised parameter sets each loss belongs to.
 """
-
-
-def autocast(recipe: Recipe, device: torch.device) -> torch.autocast:
-    """Mixed precision for a training or caching step: on CUDA when ``recipe.amp``."""
-    return torch.autocast(
-        device_type=device.type,
-        dtype=getattr(torch, recipe.amp_dtype),
-        enabled=recipe.amp and device.type == "cuda",
-    )
 
 
 def optimise(
@@ -46,7 +37,7 @@ def optimise(
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
 
     Every set gets ``recipe.optimizer`` and ``recipe.scheduler``; with
-    ``recipe.amp`` on CUDA and ``amp_dtype="float16"`` a gradient scaler;
+    float16 autocast (``recipe.amp_dtype``) a gradient scaler;
     gradients are clipped to ``recipe.grad_clip`` when set. A non-finite loss
     stops training before any optimiser steps on it.
 
@@ -67,7 +58,7 @@ def optimise(
         StitchError: a loss became NaN or infinite (the message names the step
             and the model).
     """
-    use_amp = recipe.amp and device.type == "cuda"
+    use_amp = recipe.uses_amp(device)
     optimizers = [recipe.optimizer(params) for params in parameter_sets]
     schedulers = [recipe.scheduler(opt, total_steps) for opt in optimizers]
     clipped = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]

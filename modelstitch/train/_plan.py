@@ -63,12 +63,20 @@ class Plan:
         self.suffix_groups = list(groups.values())
 
     def frozen_outputs(self, x: Any) -> dict[str, torch.Tensor]:
-        """Provided (and, for "mse", expected) representations of one batch, keyed."""
+        """Provided (and, for "mse", expected) representations of one batch, keyed.
+
+        The senders run under whatever autocast is active (the recipe's
+        numerics); the expected representations, the targets of the "mse"
+        objective, are always computed in full precision.
+        """
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for net, layers in [*self.sender_layers.values(), *self.receiver_layers.values()]:
-                acts = activations(net, x, [layer for _, layer in layers])
-                out.update({key: acts[layer] for key, layer in layers})
+            for net, layers in self.sender_layers.values():
+                out.update(_capture(net, x, layers))
+            if self.receiver_layers:
+                with torch.autocast(device_type=_device_type(x), enabled=False):
+                    for net, layers in self.receiver_layers.values():
+                        out.update(_capture(net, x, layers))
         return out
 
     def group_losses(
@@ -90,6 +98,16 @@ class Plan:
                     parts = result.chunk(len(group)) if len(group) > 1 else [result]
                     losses = [self.loss_fn(part, y) for part in parts]
             yield group, losses
+
+
+def _capture(net: nn.Module, x: Any, layers: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    acts = activations(net, x, [layer for _, layer in layers])
+    return {key: acts[layer] for key, layer in layers}
+
+
+def _device_type(x: Any) -> str:
+    tensors = [x] if isinstance(x, torch.Tensor) else list(x.values() if isinstance(x, dict) else x)
+    return next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
 
 
 def _group(items: dict[str, tuple[nn.Module, str]]) -> dict[int, tuple[nn.Module, list[tuple[str, str]]]]:

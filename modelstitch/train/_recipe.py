@@ -31,8 +31,13 @@ class Recipe:
         warmup: fraction of all steps spent in the linear warmup, in [0, 1).
         base_batch_size: the batch size at which ``lr`` is quoted.
         nesterov: Nesterov momentum.
-        amp: mixed precision on CUDA (ignored on CPU).
-        amp_dtype: ``"bfloat16"`` or ``"float16"``.
+        amp: mixed precision (`torch.autocast` with ``amp_dtype``) for the
+            networks' forward passes, in training and evaluation alike:
+            ``None`` (default) on CUDA only, ``True`` on any device (on the CPU
+            that is bfloat16 autocast, the numerics a GPU run uses), ``False``
+            never.
+        amp_dtype: ``"bfloat16"`` or ``"float16"`` (float16 gets a gradient
+            scaler; on the CPU use bfloat16).
         channels_last: use the channels-last memory format for 4-D tensors.
         grad_clip: clip the gradient norm to this value, or ``None``.
         seed: seeds the stitch's initialisation and the data order.
@@ -52,7 +57,7 @@ class Recipe:
     warmup: float = 0.1
     base_batch_size: int = 256
     nesterov: bool = False
-    amp: bool = True
+    amp: bool | None = None
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
     grad_clip: float | None = None
@@ -67,6 +72,7 @@ class Recipe:
             (0 <= self.warmup < 1, "warmup is a fraction of all steps, in [0, 1)"),
             (self.momentum >= 0, "momentum must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.amp in (None, True, False), "amp must be None (CUDA only), True or False"),
             (self.amp_dtype in ("bfloat16", "float16"), "amp_dtype must be 'bfloat16' or 'float16'"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be None or > 0"),
         ]
@@ -120,6 +126,21 @@ class Recipe:
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             nesterov=self.nesterov,
+        )
+
+    def uses_amp(self, device: torch.device) -> bool:
+        """Whether forward passes on ``device`` run under autocast (see ``amp``).
+
+        Examples:
+            >>> Recipe().uses_amp(torch.device("cpu")), Recipe(amp=True).uses_amp(torch.device("cpu"))
+            (False, True)
+        """
+        return self.amp if self.amp is not None else device.type == "cuda"
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The `torch.autocast` context of this recipe's numerics on ``device`` (disabled when not `uses_amp`)."""
+        return torch.autocast(
+            device_type=device.type, dtype=getattr(torch, self.amp_dtype), enabled=self.uses_amp(device)
         )
 
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

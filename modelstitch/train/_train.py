@@ -24,7 +24,7 @@ from .._errors import StitchError
 from ..core import BatchFn, as_loader, iterate_batches, resolve_device
 from ..stitches import StitchedModel
 from ._cache import ActivationCache
-from ._loop import autocast, optimise, total_steps
+from ._loop import optimise, total_steps
 from ._plan import LossFn, Plan, cross_entropy
 from ._recipe import Recipe
 
@@ -103,6 +103,7 @@ def train_stitches(
     memory_budget: int = 2 * 1024**3,
     num_workers: int = 0,
     share_suffix: bool = False,
+    cache_dtype: torch.dtype | None = None,
 ) -> list[TrainResult]:
     """Train several stitches in one pass over the data; each as if trained alone.
 
@@ -123,6 +124,9 @@ def train_stitches(
             has no random augmentation.
         memory_budget: bytes of cache to keep in memory (on ``device``);
             the rest goes to memory-mapped files in a temporary directory.
+        cache_dtype: store cached activations in this floating dtype (e.g.
+            ``torch.bfloat16``); ``None`` keeps the dtype they come in (that of
+            the recipe's numerics).
         num_workers: DataLoader workers when ``data`` is a Dataset.
         share_suffix: run the receiver's suffix once per step for all models
             that stitch into the same receiver layer, on their stitch outputs
@@ -164,7 +168,9 @@ def train_stitches(
         for m in models:
             stack.enter_context(m.frozen())
         if cache:
-            store = stack.enter_context(_fill_cache(plan, loader, dev, batch_fn, memory_budget, progress, recipe))
+            store = stack.enter_context(
+                _fill_cache(plan, loader, dev, batch_fn, memory_budget, progress, recipe, cache_dtype)
+            )
             batches = _cached_batches(plan, store, recipe)
             steps_per_epoch = store.rows // recipe.batch_size if store.rows > recipe.batch_size else 1
         else:
@@ -179,7 +185,7 @@ def train_stitches(
 
         def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
             reps, x, y = next(batches)
-            return plan.group_losses(reps, x, y, autocast(recipe, dev))
+            return plan.group_losses(reps, x, y, recipe.autocast(dev))
 
         stitches = [m.stitch for m in models]
         for s in stitches:
@@ -212,6 +218,7 @@ def _fill_cache(
     budget: int,
     progress: bool,
     recipe: Recipe,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[ActivationCache]:
     dataset = getattr(loader, "dataset", None)
     try:
@@ -220,10 +227,10 @@ def _fill_cache(
         raise StitchError(
             "cache=True needs data of known length (a map-style Dataset or a DataLoader over one)"
         ) from None
-    with ActivationCache(capacity, memory_budget=budget, device=dev) as store:
+    with ActivationCache(capacity, memory_budget=budget, device=dev, dtype=dtype) as store:
         position = 0
         for x, y in tqdm(iterate_batches(loader, dev, batch_fn), desc="cache", disable=not progress, leave=False):
-            with autocast(recipe, dev):
+            with recipe.autocast(dev):
                 rows = {**plan.frozen_outputs(x)}
             if y is not None:
                 rows["y"] = y
@@ -255,7 +262,7 @@ def _cached_batches(plan: Plan, store: ActivationCache, recipe: Recipe) -> Itera
 def _live_batches(plan: Plan, loader: Iterable, dev: torch.device, batch_fn: BatchFn | None, recipe: Recipe):
     while True:
         for x, y in iterate_batches(loader, dev, batch_fn, channels_last=recipe.channels_last):
-            with autocast(recipe, dev):
+            with recipe.autocast(dev):
                 reps = plan.frozen_outputs(x)
             yield reps, x, y
 

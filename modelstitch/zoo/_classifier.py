@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._errors import StitchError
 from ..core import as_loader, iterate_batches, resolve_device
-from ..train import Recipe, autocast, evaluate, optimise, total_steps
+from ..train import Recipe, evaluate, optimise, total_steps
 from ._resnet import _check_positive_int
 
 __all__ = ["CLASSIFIER_RECIPE", "evaluate_classifier", "train_classifier"]
@@ -26,7 +26,6 @@ CLASSIFIER_RECIPE = Recipe(
     weight_decay=5e-4,
     epochs=30,
     warmup=0.05,
-    amp=True,
     channels_last=True,
 )
 """Recipe for training a zoo model from scratch on CIFAR-10.
@@ -52,9 +51,9 @@ def train_classifier(
     """Train ``model`` as a classifier with cross entropy (in place).
 
     Uses ``recipe.optimizer`` over the trainable parameters and steps
-    ``recipe.scheduler`` once per batch. On CUDA with ``recipe.amp`` the
+    ``recipe.scheduler`` once per batch. Where ``recipe.uses_amp(device)`` the
     forward runs under `torch.autocast` with ``recipe.amp_dtype`` (float16 also
-    gets a gradient scaler); on the CPU it runs in float32. Gradients are
+    gets a gradient scaler); otherwise in float32. Gradients are
     clipped to ``recipe.grad_clip`` when set.
 
     Given a Dataset, batches of ``recipe.batch_size`` are drawn in an order
@@ -115,7 +114,7 @@ def train_classifier(
 
     def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         x, y = next(batches)
-        with autocast(recipe, dev):
+        with recipe.autocast(dev):
             logits = model(x)
         yield [0], [F.cross_entropy(logits.float(), y)]
 
