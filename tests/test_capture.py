@@ -191,7 +191,7 @@ class _Guarded(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
             h = self.first(x)
-        except Exception:  # noqa: BLE001 - the point of the test
+        except Exception:
             h = x
         self.second_ran += 1
         return self.second(h)
