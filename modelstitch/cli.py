@@ -106,6 +106,7 @@ def _study_run(args: argparse.Namespace) -> int:
             "address": args.address,
             "retry_failed": args.retry_failed,
             "keep_going": args.keep_going,
+            "wait": args.wait,
         },
     )
     n = len(study.rows())
@@ -202,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--keep-going", action="store_true", help="record a pair that raises and go on (default: stop, naming it)"
     )
+    run.add_argument("--wait", action="store_true", help="if another process runs in --out, wait for it to finish")
     _common(run, out_default="runs/quick")
     run.set_defaults(func=_study_run)
 

@@ -14,7 +14,9 @@ from ._capture import Activations, activations, capture
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._device import resolve_device
 from ._files import atomic_path, write_text
+from ._fingerprint import fingerprint_data, fingerprint_module
 from ._freeze import frozen
+from ._lock import folder_lock
 from ._outputs import (
     OutputSelector,
     call_model,
@@ -44,6 +46,9 @@ __all__ = [
     "call_model",
     "call_model_capturing_input",
     "capture",
+    "fingerprint_data",
+    "fingerprint_module",
+    "folder_lock",
     "frozen",
     "iterate_batches",
     "layer_specs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from .. import data as ms_data
 from .. import zoo
 from .._errors import StitchError
-from ..core import resolve_device
+from ..core import fingerprint_data, resolve_device
 from ..train import Recipe
 from ._store import ResultStore, read_run_meta
 from ._study import Study
@@ -126,12 +127,16 @@ def zoo_models(
     recipe = preset.zoo_recipe.replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
     models: dict[str, torch.nn.Module] = {}
     controls: dict[str, str] = {}
+    training = {"recipe": repr(recipe), "width": preset.width, "data": fingerprint_data(train_data)}
     for k, blocks in enumerate(preset.architectures):
         name = zoo.architecture_name(blocks)
         path = out / "zoo" / f"{name}.safetensors"
-        if path.is_file():
-            model = zoo.load_model(path, expected_architecture=name)
-        else:
+        model = zoo.load_model(path, expected_architecture=name) if path.is_file() else None
+        if model is not None and model.checkpoint_metadata.get("training") != _jsonable(training):
+            if progress:
+                tqdm.write(f"{path} was trained with another recipe or data; training {name} again")
+            model = None
+        if model is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + k)
                 model = zoo.small_resnet(blocks, width=preset.width)
@@ -140,13 +145,25 @@ def zoo_models(
             result = zoo.train_classifier(
                 model, train_data, recipe=recipe, test_data=test_data, device=device, progress=progress
             )
-            zoo.save_model(path, model, dataset=preset.dataset, test_accuracy=result["test_accuracy"], seed=seed + k)
+            zoo.save_model(
+                path,
+                model,
+                dataset=preset.dataset,
+                test_accuracy=result["test_accuracy"],
+                seed=seed + k,
+                training=training,
+            )
         models[name] = model.eval()
         if preset.controls:
             control = f"{name} random"
             models[control] = zoo.random_control(blocks, seed=seed + 1000 + k, width=preset.width)
             controls[name] = control
     return models, controls
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a checkpoint's JSON metadata."""
+    return json.loads(json.dumps(value))
 
 
 def build_preset_study(

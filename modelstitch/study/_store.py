@@ -2,7 +2,10 @@
 
 A row is one finished cell. Rows of cells trained together are written in
 one transaction, so a process killed at any moment leaves either all of them
-or none: nothing half-written is ever read back.
+or none: nothing half-written is ever read back. Every read-modify-write runs
+in a ``BEGIN IMMEDIATE`` transaction, so two processes never interleave one.
+A store records its schema version; a file written by another layout is
+refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 from .._errors import StitchError
 from ..core import atomic_path
 
-__all__ = ["CELL_COLUMNS", "DISTANCE_COLUMNS", "ResultStore", "read_run_meta"]
+__all__ = ["CELL_COLUMNS", "DISTANCE_COLUMNS", "SCHEMA_VERSION", "ResultStore", "read_run_meta"]
+
+SCHEMA_VERSION = 2
+"""Layout of the tables; 1 was modelstitch 0.1 (no ``weights`` column, no schema record)."""
 
 KEY_COLUMNS = ("sender", "sender_layer", "receiver", "receiver_layer", "objective")
 CELL_COLUMNS = (
@@ -36,6 +42,7 @@ CELL_COLUMNS = (
     "recipe",
     "version",
     "created",
+    "weights",
 )
 _TYPES = {
     "sender_index": "INTEGER",
@@ -84,23 +91,46 @@ class ResultStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        columns = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in CELL_COLUMNS)
-        with self._db:
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS cells ({columns}, PRIMARY KEY ({', '.join(KEY_COLUMNS)}))")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self._db.execute(
+        # autocommit mode: every transaction is explicit (see `transaction`)
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._create_tables()
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise StitchError(f"{self.path} is not a readable modelstitch store ({err}); use another folder") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _create_tables(self) -> None:
+        with self.transaction() as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables:
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if "meta" in tables else None
+                version = json.loads(row[0]) if row else 1
+                if version != SCHEMA_VERSION:
+                    raise StitchError(
+                        f"{self.path} was written by another version of modelstitch (store schema {version}, this "
+                        f"version reads {SCHEMA_VERSION}); use a new output folder, or rerun with the version "
+                        "that made it"
+                    )
+            columns = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in CELL_COLUMNS)
+            db.execute(f"CREATE TABLE IF NOT EXISTS cells ({columns}, PRIMARY KEY ({', '.join(KEY_COLUMNS)}))")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS failures (sender TEXT, receiver TEXT, objective TEXT, error TEXT, "
                 "attempts INTEGER, created TEXT, PRIMARY KEY (sender, receiver, objective))"
             )
             stats = ", ".join(f"{c} REAL" for c in DISTANCE_COLUMNS[7:])
-            self._db.execute(
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS distances (sender TEXT, sender_layer TEXT, receiver TEXT, "
                 f"receiver_layer TEXT, sender_index INTEGER, receiver_index INTEGER, control INTEGER, {stats}, "
                 "PRIMARY KEY (sender, sender_layer, receiver, receiver_layer))"
             )
+            if not tables:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (json.dumps(SCHEMA_VERSION),))
 
     def close(self) -> None:
         """Close the connection."""
@@ -112,27 +142,27 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Write finished cells in one transaction (all or none); a cell already present is replaced."""
+    def add(self, rows: Iterable[dict[str, Any]], *, clear_failure: tuple[str, str, str] | None = None) -> None:
+        """Write finished cells in one transaction (all or none); a cell already present is replaced.
+
+        Args:
+            rows: one dict per cell, keyed by `CELL_COLUMNS`.
+            clear_failure: ``(sender, receiver, objective)`` of a recorded
+                failure to forget in the same transaction.
+        """
         placeholders = ", ".join("?" for _ in CELL_COLUMNS)
         values = [tuple(_encode(row.get(c)) for c in CELL_COLUMNS) for row in rows]
-        with self._db:
-            self._db.executemany(f"INSERT OR REPLACE INTO cells VALUES ({placeholders})", values)
+        with self.transaction() as db:
+            db.executemany(f"INSERT OR REPLACE INTO cells ({', '.join(CELL_COLUMNS)}) VALUES ({placeholders})", values)
+            if clear_failure is not None:
+                db.execute("DELETE FROM failures WHERE sender = ? AND receiver = ? AND objective = ?", clear_failure)
 
     def add_failure(self, sender: str, receiver: str, objective: str, error: str, attempts: int) -> None:
         """Record that a pair failed (it is skipped on reruns unless failures are retried)."""
-        with self._db:
-            self._db.execute(
+        with self.transaction() as db:
+            db.execute(
                 "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, datetime('now'))",
                 (sender, receiver, objective, error, attempts),
-            )
-
-    def clear_failure(self, sender: str, receiver: str, objective: str) -> None:
-        """Forget a failure (the pair has now finished)."""
-        with self._db:
-            self._db.execute(
-                "DELETE FROM failures WHERE sender = ? AND receiver = ? AND objective = ?",
-                (sender, receiver, objective),
             )
 
     def failures(self, objective: str | None = None) -> list[dict[str, Any]]:
@@ -166,8 +196,8 @@ class ResultStore:
         """Write per-cell distance statistics (`DISTANCE_COLUMNS`) in one transaction."""
         placeholders = ", ".join("?" for _ in DISTANCE_COLUMNS)
         values = [tuple(row[c] for c in DISTANCE_COLUMNS) for row in rows]
-        with self._db:
-            self._db.executemany(
+        with self.transaction() as db:
+            db.executemany(
                 f"INSERT OR REPLACE INTO distances ({', '.join(DISTANCE_COLUMNS)}) VALUES ({placeholders})", values
             )
 
@@ -183,8 +213,24 @@ class ResultStore:
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-encodable value under ``key``."""
-        with self._db:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def update_meta(self, key: str, update: Any) -> Any:
+        """Read-modify-write the value under ``key`` in one ``BEGIN IMMEDIATE`` transaction.
+
+        Args:
+            key: the meta key.
+            update: ``old value or None -> new value``.
+
+        Returns:
+            The new value.
+        """
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            value = update(None if row is None else json.loads(row[0]))
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        return value
 
     def meta(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
@@ -201,9 +247,22 @@ class ResultStore:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A raw transaction, for callers that write several tables at once."""
-        with self._db:
+        """A ``BEGIN IMMEDIATE`` transaction: committed when the block ends, rolled back on an exception.
+
+        IMMEDIATE takes the write lock at the start, so a read-modify-write
+        inside the block cannot interleave with another process's.
+        """
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
             yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
 def read_run_meta(out: str | Path, key: str) -> Any:

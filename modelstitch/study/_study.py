@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
+import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +28,17 @@ from tqdm.auto import tqdm
 
 from .._errors import StitchError
 from .._version import __version__
-from ..core import layer_specs, load_checkpoint, resolve_device, save_checkpoint, split_batch, suffix
+from ..core import (
+    fingerprint_data,
+    fingerprint_module,
+    folder_lock,
+    layer_specs,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    split_batch,
+    suffix,
+)
 from ..stitches import StitchedModel, assemble
 from ..train import Recipe, evaluate_stitches, train_stitches
 from ..zoo import layer_names
@@ -147,6 +159,7 @@ class Study:
         self.eval_batch_size = eval_batch_size
         self.share_suffix = share_suffix
         self.cache_dtype = cache_dtype
+        self._fingerprints: dict[str, Any] | None = None
         self.layers = {name: list(self._layers_of(name, layers)) for name in self.models}
         self.pairs = self._expand_pairs(pairs)
         self.example_input = example_input if example_input is not None else _first_input(train_data)
@@ -220,8 +233,29 @@ class Study:
             "seed": self.seed,
             "recipe": repr(self.recipe),
             "cache_dtype": None if self.cache_dtype is None else str(self.cache_dtype),
+            "fingerprints": self.fingerprints(),
             "pairs": [list(p) for p in self.pairs],
         }
+
+    def fingerprints(self) -> dict[str, Any]:
+        """What the results rest on besides the settings: each network's weights, the data, the numerics.
+
+        Computed once per study: a hash of every network's state dict, the
+        size, sampled items and transform of the training and test data, and
+        the device kind, precision and parameter dtypes the cells run with.
+        """
+        if self._fingerprints is None:
+            self._fingerprints = {
+                "networks": {name: fingerprint_module(net) for name, net in sorted(self.models.items())},
+                "train_data": fingerprint_data(self.train_data),
+                "test_data": fingerprint_data(self.test_data),
+                "numerics": {
+                    "device": self.device.type,
+                    "amp": self.recipe.amp_dtype if self.recipe.uses_amp(self.device) else None,
+                    "dtypes": sorted({str(p.dtype) for net in self.models.values() for p in net.parameters()}),
+                },
+            }
+        return self._fingerprints
 
     # ------------------------------------------------------------------ running
 
@@ -235,6 +269,7 @@ class Study:
         retry_failed: bool = False,
         cpus_per_task: float = 1,
         keep_going: bool = False,
+        wait: bool = False,
     ) -> Study:
         """Train and evaluate every unfinished cell; finished pairs are skipped.
 
@@ -251,6 +286,8 @@ class Study:
             cpus_per_task: CPUs per Ray task.
             keep_going: record a pair that raises (see `failures`) and go on;
                 by default it stops the study with the pair named.
+            wait: if another process is running in the same folder, wait
+                for it instead of failing.
 
         Returns:
             ``self``, for chaining (``study.run().matrix(a, b)``). Pairs that
@@ -258,27 +295,20 @@ class Study:
             that raised, are recorded in the store (see `failures`).
 
         Raises:
-            StitchError: a pair raised and ``keep_going`` is False; finished
-                pairs are kept, so a rerun resumes.
+            StitchError: a pair raised and ``keep_going`` is False (finished
+                pairs are kept, so a rerun resumes); the folder holds a study
+                with other settings, networks, data or numerics (the message
+                says what differs); or another process holds the folder.
         """
         from ._executors import EXECUTORS, PairFailure, run_local, run_ray
 
         if executor not in EXECUTORS:
             raise StitchError(f"executor={executor!r}: use one of {EXECUTORS}")
-        with ResultStore(self.store_path) as store:
-            saved = store.meta(f"config:{self.objective}")
+        with folder_lock(self.out, wait=wait), ResultStore(self.store_path) as store:
             config = self.config()
-            if saved is not None and _comparable(saved) != _comparable(config):
-                raise StitchError(
-                    f"{self.store_path} holds a different study (its settings differ); "
-                    "use another output folder, or delete that file to start over"
-                )
-            # a rerun may add pairs (e.g. after a trial on a few): record the union
             for key in (f"config:{self.objective}", "config"):
-                previous = store.meta(key) or {}
-                pairs = [tuple(p) for p in previous.get("pairs", [])] + [tuple(p) for p in config["pairs"]]
-                base = previous if key == "config" and previous else config
-                store.set_meta(key, {**base, "pairs": [list(p) for p in dict.fromkeys(pairs)]})
+                store.update_meta(key, lambda saved, key=key: _merge_config(saved, config, key, self.store_path))
+            self._remove_orphan_weights(store)
             done = store.done()
             failed = {(f["sender"], f["receiver"]) for f in store.failures(self.objective)}
             pending = [
@@ -304,11 +334,7 @@ class Study:
                         store.add_failure(a, b, self.objective, outcome.error, outcome.attempts)
                         bar.write(f"failed: {a} -> {b}: {outcome.error.splitlines()[-1]}")
                     else:
-                        rows, weights = outcome
-                        meta = {"sender": a, "receiver": b, "objective": self.objective, "recipe": repr(self.recipe)}
-                        save_checkpoint(self.stitch_path(a, b), weights, meta)
-                        store.add(rows)
-                        store.clear_failure(a, b, self.objective)
+                        self._commit_pair(store, a, b, *outcome)
                     bar.set_postfix_str(f"{a} -> {b}")
                     bar.update(len(self._pair_cells(a, b)))
         return self
@@ -318,9 +344,42 @@ class Study:
         with ResultStore(self.store_path) as store:
             return store.failures(self.objective)
 
+    def _commit_pair(
+        self, store: ResultStore, a: str, b: str, rows: list[dict[str, Any]], weights: dict[str, torch.Tensor]
+    ) -> None:
+        """Write a pair's stitch weights under a fresh name, then its rows (naming that file) in one transaction."""
+        name = f"{slug(a)}__{slug(b)}__{self.objective}.{uuid.uuid4().hex[:12]}.safetensors"
+        meta = {"sender": a, "receiver": b, "objective": self.objective, "recipe": repr(self.recipe)}
+        save_checkpoint(self.out / "stitches" / name, weights, meta)
+        store.add([{**row, "weights": name} for row in rows], clear_failure=(a, b, self.objective))
+        self._remove_orphan_weights(store, (a, b))
+
+    def _remove_orphan_weights(self, store: ResultStore, pair: tuple[str, str] | None = None) -> None:
+        """Delete stitch files no stored cell refers to (left by a kill between the two writes, or replaced)."""
+        folder = self.out / "stitches"
+        if not folder.is_dir():
+            return
+        used = {row["weights"] for row in store.rows()}
+        pattern = "*.safetensors" if pair is None else f"{slug(pair[0])}__{slug(pair[1])}__*.safetensors"
+        for path in folder.glob(pattern):
+            if path.name not in used:
+                path.unlink(missing_ok=True)
+
     def stitch_path(self, sender: str, receiver: str, objective: str | None = None) -> Path:
-        """Where the trained stitches of one ordered pair are saved (safetensors)."""
-        return self.out / "stitches" / f"{slug(sender)}__{slug(receiver)}__{objective or self.objective}.safetensors"
+        """The file that holds the trained stitches of one finished ordered pair (safetensors).
+
+        Raises:
+            StitchError: the pair has not finished with that objective.
+        """
+        objective = objective or self.objective
+        with ResultStore(self.store_path) as store:
+            rows = store.rows(sender=sender, receiver=receiver, objective=objective)
+        names = {row["weights"] for row in rows}
+        if len(names) != 1 or None in names:
+            raise StitchError(
+                f"no trained stitches for {sender} -> {receiver} ({objective}): that pair has not finished"
+            )
+        return self.out / "stitches" / names.pop()
 
     def load_cells(self, sender: str, receiver: str, objective: str | None = None) -> dict[Cell, StitchedModel]:
         """The trained stitched models of one finished pair, rebuilt from the saved stitch weights.
@@ -333,8 +392,6 @@ class Study:
         """
         objective = objective or self.objective
         path = self.stitch_path(sender, receiver, objective)
-        if not path.is_file():
-            raise StitchError(f"no trained stitches for {sender} -> {receiver} ({objective}): {path} is missing")
         weights, _ = load_checkpoint(path)
         built = self._build_pair(sender, receiver, objective)
         out = {}
@@ -461,8 +518,37 @@ def _first_input(data: Any) -> Any:
     return x[:2] if isinstance(x, torch.Tensor) else x
 
 
-def _comparable(config: dict[str, Any]) -> str:
-    """The settings that decide every cell's result (which pairs are run does not)."""
-    import json
+def _merge_config(saved: dict[str, Any] | None, config: dict[str, Any], key: str, where: Path) -> dict[str, Any]:
+    """The stored record after this run: refuse other settings, else add this run's pairs to the union.
 
-    return json.dumps({k: v for k, v in config.items() if k != "pairs"}, sort_keys=True, default=str)
+    ``"config"`` keeps the first objective's settings (what `StudyResults.open`
+    reads); ``"config:<objective>"`` must match this study exactly.
+    """
+    if saved is None:
+        return config
+    if key != "config":
+        differences = _differences(saved, config)
+        if differences:
+            raise StitchError(
+                f"{where} holds a different study: {'; '.join(differences)}. Use another output folder for this "
+                "one (or delete that folder to start over)"
+            )
+    pairs = [tuple(p) for p in saved.get("pairs", [])] + [tuple(p) for p in config["pairs"]]
+    return {**saved, "pairs": [list(p) for p in dict.fromkeys(pairs)]}
+
+
+def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """What differs between two study records, in words (which pairs are run does not count)."""
+    saved, config = json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(config, default=str))
+    out = []
+    for key in sorted((set(saved) | set(config)) - {"pairs", "fingerprints"}):
+        if saved.get(key) != config.get(key):
+            out.append(f"{key} was {saved.get(key)!r}, now {config.get(key)!r}")
+    old, new = saved.get("fingerprints", {}), config.get("fingerprints", {})
+    for name in sorted(set(old.get("networks", {})) | set(new.get("networks", {}))):
+        if old.get("networks", {}).get(name) != new.get("networks", {}).get(name):
+            out.append(f"network {name!r} has other weights")
+    for part in ("train_data", "test_data", "numerics"):
+        if old.get(part) != new.get(part):
+            out.append(f"{part} differs (was {old.get(part)}, now {new.get(part)})")
+    return out

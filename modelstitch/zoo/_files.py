@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +23,7 @@ def save_model(
     dataset: str,
     test_accuracy: float | None = None,
     seed: int | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a zoo model as a ``.safetensors`` checkpoint with its metadata.
 
@@ -34,6 +37,8 @@ def save_model(
         dataset: what it was trained on, e.g. ``"cifar10"``.
         test_accuracy: its test accuracy in [0, 1], if measured.
         seed: the training seed, if any.
+        training: how it was trained, e.g. the recipe and a fingerprint of the
+            data (JSON-encodable); stored as ``metadata["training"]``.
 
     Returns:
         ``path`` as a `pathlib.Path`.
@@ -54,6 +59,7 @@ def save_model(
         "dataset": str(dataset),
         "test_accuracy": None if test_accuracy is None else float(test_accuracy),
         "seed": seed,
+        "training": None if training is None else dict(training),
     }
     return save_checkpoint(path, model, metadata)
 
