@@ -29,7 +29,7 @@ from ._errors import StitchError
 from ._version import __version__
 
 if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers and IDEs
-    from . import analysis, core, data, stitches, study, train, zoo  # noqa: F401
+    from . import analysis, core, data, metrics, stitches, study, train, zoo  # noqa: F401
     from .core import ActivationSpec, activations, capture, layer_specs, list_layers, prefix, suffix  # noqa: F401
     from .stitches import StitchedModel, fit_least_squares, make_stitch, stitch  # noqa: F401
     from .study import Study, StudyResults, run_preset  # noqa: F401
@@ -61,7 +61,7 @@ _PUBLIC: dict[str, str] = {
     "run_preset": "study",
 }
 
-_SUBPACKAGES = ("analysis", "core", "data", "stitches", "study", "train", "zoo")
+_SUBPACKAGES = ("analysis", "core", "data", "metrics", "stitches", "study", "train", "zoo")
 
 # Names that were top-level before 0.2: still importable, with a DeprecationWarning, until 0.3.
 _DEPRECATED: dict[str, str] = {
