@@ -44,6 +44,8 @@ def _layers(args: argparse.Namespace) -> None:
 def _build_model(name: str, num_classes: int):
     from . import zoo
 
+    if name.endswith(".safetensors"):
+        return zoo.load_model(name)
     try:
         zoo.parse_blocks(name)
         return zoo.small_resnet(name, num_classes=num_classes)
@@ -101,6 +103,7 @@ def _study_run(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         download=args.download,
         progress=not args.quiet,
+        measures=_measures(args.measures),
         run_options={
             "executor": args.executor,
             "address": args.address,
@@ -120,6 +123,70 @@ def _study_run(args: argparse.Namespace) -> int:
         print(f"{len(failures)} pair(s) failed; rerun with --retry-failed to try them again", file=sys.stderr)
         return 1
     return 0
+
+
+def _measures(text: str) -> tuple[str, ...]:
+    """``"stitch,cka"`` -> ``("stitch", "cka")``; stitching is always part of a study run."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return ("stitch", *(n for n in names if n != "stitch"))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import csv
+    import io
+
+    from . import zoo
+    from .core import write_text
+    from .data import subset
+    from .metrics import compare_layers
+    from .study import load_dataset
+    from .study._plot import Panel, plot_heatmaps
+
+    nets, layers = {}, {}
+    for side, name, given in (("A", args.a, args.layers_a), ("B", args.b, args.layers_b)):
+        nets[side] = _build_model(name, args.num_classes).eval()
+        if given:
+            layers[side] = [n.strip() for n in given.split(",") if n.strip()]
+        else:
+            try:
+                layers[side] = zoo.layer_names(nets[side])
+            except StitchError:
+                raise StitchError(
+                    f"{name}: pass --layers-{side.lower()} name,name,... (modelstitch layers {name} lists them)"
+                ) from None
+    data = load_dataset(args.data, train=False, root=args.data_root)
+    data = subset(data, args.limit, seed=args.seed)
+    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    matrices = compare_layers(
+        nets["A"], layers["A"], nets["B"], layers["B"], data, measures=measures, rule=args.rule, device=args.device
+    )
+    out = Path(args.out)
+    rows = [
+        {"measure": m, "layer_a": la, "layer_b": lb, "value": float(matrix[i, j])}
+        for m, matrix in matrices.items()
+        for i, la in enumerate(layers["A"])
+        for j, lb in enumerate(layers["B"])
+    ]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["measure", "layer_a", "layer_b", "value"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "compare.csv", buffer.getvalue())
+    panels = [
+        Panel(
+            title=m,
+            matrix=matrix,
+            sender_labels=[f"{i} {n}" for i, n in enumerate(layers["A"])],
+            receiver_labels=[f"{j} {n}" for j, n in enumerate(layers["B"])],
+            sender_name=f"A {args.a}",
+            receiver_name=f"B {args.b}",
+        )
+        for m, matrix in matrices.items()
+    ]
+    plot_heatmaps(panels, out / "compare", suptitle=f"{args.a} vs {args.b} on {args.data}")
+    for m, matrix in matrices.items():
+        print(f"{m}: {matrix.shape[0]} x {matrix.shape[1]} layers, values {matrix.min():.3f} to {matrix.max():.3f}")
+    print(f"wrote {out / 'compare.csv'} and {out / 'compare.png'}")
 
 
 def _study_plot(args: argparse.Namespace) -> None:
@@ -147,6 +214,8 @@ def _study_analyze(args: argparse.Namespace) -> None:
     for kind, s in overall.items():
         sides = f"{s['lower']:.3f} on or below j/J = i/I, {s['upper']:.3f} above"
         print(f"{kind}: mean accuracy {sides} (gap {s['gap']:+.3f})")
+    for c in result["correlations"]:
+        print(f"{c['measure']} vs stitching, {c['pairs']} pairs: Spearman {c['spearman']:+.3f} over {c['cells']} cells")
     print("wrote " + ", ".join(str(f) for f in result["files"]))
 
 
@@ -165,6 +234,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     layers.add_argument("--num-classes", type=int, default=10)
     layers.set_defaults(func=_layers)
+
+    compare = commands.add_parser(
+        "compare", help="similarity measures (CKA, PWCCA, ...) between every layer of two networks, no training"
+    )
+    compare.add_argument("a", help="a .safetensors zoo file, a small ResNet (R1211), a torchvision or a timm name")
+    compare.add_argument("b", help="the second network, as for A")
+    compare.add_argument("--data", choices=["digits", "cifar10"], default="digits", help="the test split is used")
+    compare.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
+    compare.add_argument("--measures", default="cka", help="comma-separated, e.g. cka,pwcca,procrustes")
+    compare.add_argument(
+        "--rule", help="how maps become vectors: flatten, mean, cls, last (default: flatten for CKA, mean otherwise)"
+    )
+    compare.add_argument("--layers-a", help="comma-separated layers of A (default: a ResNet's paper layers)")
+    compare.add_argument("--layers-b", help="comma-separated layers of B")
+    compare.add_argument("--num-classes", type=int, default=10)
+    _common(compare, out_default="runs/compare")
+    compare.set_defaults(func=_compare)
 
     zoo_cmd = commands.add_parser("zoo", help="train the small ResNets of the paper").add_subparsers(
         dest="zoo_command", required=True
@@ -204,6 +290,12 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-going", action="store_true", help="record a pair that raises and go on (default: stop, naming it)"
     )
     run.add_argument("--wait", action="store_true", help="if another process runs in --out, wait for it to finish")
+    run.add_argument(
+        "--measures",
+        default="stitch",
+        help="comma-separated: stitch plus similarity measures to compute for every cell, e.g. stitch,cka,pwcca "
+        "(cka, linear_cka, rbf_cka, cca, svcca, pwcca, procrustes, linear_regression_r2, mutual_knn)",
+    )
     _common(run, out_default="runs/quick")
     run.set_defaults(func=_study_run)
 

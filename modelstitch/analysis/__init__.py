@@ -24,6 +24,7 @@ from ..core import write_text
 from ..study import Study
 from ..study._results import slug
 from ..train import Recipe
+from ._correlation import measure_correlations
 from ._distances import (
     METRICS,
     DistanceStats,
@@ -41,6 +42,7 @@ __all__ = [
     "analyze",
     "distance_tables",
     "generate_images",
+    "measure_correlations",
     "per_sample_mse",
     "representation_distances",
     "tables_markdown",
@@ -64,6 +66,8 @@ def analyze(
     4. Generated images for ``images`` pairs (default: the first trained pair), and the
        accuracy of each image-generating stitched network (CSV).
     5. The triangle summary (CSV and Markdown).
+    6. When the study computed similarity measures, Spearman's rank
+       correlation of each with stitching accuracy (`measure_correlations`).
 
     Args:
         study: a `Study` with ``objective="task"``.
@@ -73,7 +77,7 @@ def analyze(
         progress: show progress.
 
     Returns:
-        ``{"tables": ..., "triangle": ..., "images": {...}, "files": [...]}``.
+        ``{"tables": ..., "triangle": ..., "images": {...}, "correlations": [...], "files": [...]}``.
     """
     if study.objective != "task":
         raise StitchError("analyze() takes the task-objective study; it trains the MSE-objective cells itself")
@@ -113,7 +117,10 @@ def analyze(
     triangle = triangle_summary(study)
     files.append(_write_csv(out / "triangle.csv", triangle["pairs"]))
     files.append(write_text(out / "triangle.md", triangle_markdown(triangle)))
-    return {"tables": tables, "triangle": triangle, "images": generated, "files": files}
+    correlations = measure_correlations(study) if len(study.measures) > 1 else []
+    if correlations:
+        files.append(_write_csv(out / "measure_correlations.csv", correlations))
+    return {"tables": tables, "triangle": triangle, "images": generated, "correlations": correlations, "files": files}
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

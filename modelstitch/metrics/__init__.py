@@ -12,7 +12,8 @@ where row ``i`` of both comes from input ``i``, works in float64 and returns a P
 `MEASURES` maps each name to its function. `flatten_features` turns feature maps ``[N, C, H, W]`` or tokens
 ``[N, T, D]`` into ``[N, features]``. `MinibatchCKA` accumulates linear CKA between every layer of one
 network and every layer of another over minibatches (Nguyen et al. 2021), keeping only ``La x Lb``
-accumulators in memory.
+accumulators in memory. `compare_layers` runs two networks over a dataset and returns every measure for every
+pair of their layers (what a `Study` with ``measures=`` and ``modelstitch compare`` use).
 
 Examples:
     >>> import numpy as np
@@ -26,6 +27,7 @@ Examples:
      'linear_regression_r2': 1.0, 'mutual_knn': 1.0}
 """
 
+from ._compare import LAYER_MEASURES, compare_layers
 from ._inputs import FLATTEN_RULES, flatten_features
 from ._measures import (
     MEASURES,
@@ -42,9 +44,11 @@ from ._streaming import MinibatchCKA
 
 __all__ = [
     "FLATTEN_RULES",
+    "LAYER_MEASURES",
     "MEASURES",
     "MinibatchCKA",
     "cca",
+    "compare_layers",
     "flatten_features",
     "linear_cka",
     "linear_regression_r2",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ def build_preset_study(
     max_pairs: int | None = None,
     download: bool = False,
     progress: bool = True,
+    measures: Sequence[str] = ("stitch",),
 ) -> Study:
     """Train (or load from ``out/zoo``) a preset's networks and set up its `Study` without running it.
 
@@ -216,8 +218,10 @@ def build_preset_study(
         recipe=recipe,
         seed=seed,
         device=dev,
+        measures=measures,
     )
     settings = {"name": name, "data_root": None if data_root is None else str(data_root), "seed": seed}
+    settings["measures"] = list(measures)
     settings.update({"limit": limit, "epochs": epochs, "max_pairs": max_pairs, "dataset": preset.dataset})
     with ResultStore(study.store_path) as store:
         store.set_meta("preset", settings)
@@ -239,6 +243,7 @@ def open_preset_study(out: str | Path, *, device: str | torch.device | None = "a
         epochs=settings["epochs"],
         max_pairs=settings.get("max_pairs"),
         progress=progress,
+        measures=settings.get("measures", ["stitch"]),
     )
 
 
@@ -266,7 +271,8 @@ def run_preset(
             training), ``max_pairs`` (run only the first N ordered pairs of trained
             networks and their control pairs, to try a preset before the whole
             of it; rerun without it to add the rest), ``download`` (let
-            torchvision fetch CIFAR-10).
+            torchvision fetch CIFAR-10), ``measures`` (``("stitch", "cka", ...)``,
+            see `Study`).
         run_options: passed to `Study.run` (``executor``, ``address``,
             ``retry_failed``, ...).
 
@@ -277,4 +283,6 @@ def run_preset(
     study.run(progress=progress, **(run_options or {}))
     study.to_csv()
     study.plot()
+    if len(study.measures) > 1:
+        study.plot_measures()
     return study

@@ -31,6 +31,7 @@ class StudyResults:
         self.layers: dict[str, list[str]] = {k: list(v) for k, v in config["layers"].items()}
         self.controls: dict[str, str] = dict(config.get("controls", {}))
         self.objective: str = config.get("objective", "task")
+        self.measures: list[str] = list(config.get("measures", ["stitch"]))
         self.pairs = [tuple(p) for p in pairs]
 
     @classmethod
@@ -63,8 +64,9 @@ class StudyResults:
         Args:
             sender: the sender network's name.
             receiver: the receiver network's name.
-            value: the column to read (``"accuracy"``, ``"loss"``, ``"init_accuracy"``...).
-            objective: whose cells (default: the study's objective).
+            value: a cell column (``"accuracy"``, ``"loss"``, ``"init_accuracy"``...)
+                or the name of a similarity measure the study computed (``"cka"``...).
+            objective: whose cells (default: the study's objective; measures have none).
 
         Returns:
             ``[I, J]`` float array: entry ``[i, j]`` is ``value`` of sender layer
@@ -73,10 +75,38 @@ class StudyResults:
         self._check_name(sender, "matrix")
         self._check_name(receiver, "matrix")
         out = np.full((len(self.layers[sender]), len(self.layers[receiver])), np.nan)
+        if value in self.measures and value != "stitch":
+            rows = self.measure_rows(sender=sender, receiver=receiver, measure=value)
+            index_a = {name: i for i, name in enumerate(self.layers[sender])}
+            index_b = {name: j for j, name in enumerate(self.layers[receiver])}
+            for row in rows:
+                sl, rl = index_a.get(row["sender_layer"]), index_b.get(row["receiver_layer"])
+                if sl is not None and rl is not None:
+                    out[sl, rl] = row["value"]
+            return out
         for row in self.rows(sender=sender, receiver=receiver, objective=objective or self.objective):
             if row[value] is not None and row["sender_index"] >= 0 and row["receiver_index"] >= 0:
                 out[row["sender_index"], row["receiver_index"]] = row[value]
         return out
+
+    def measure_rows(self, **where: Any) -> list[dict[str, Any]]:
+        """Stored similarity-measure values (see `ResultStore.measures`)."""
+        with ResultStore(self.store_path) as store:
+            return store.measures(**where)
+
+    def plot_measures(self, path: str | Path | None = None, **kwargs: Any) -> Figure:
+        """Stitching beside each similarity measure, one row per trained pair (default ``out/measures``)."""
+        control_names = set(self.controls.values())
+        panels = []
+        shown = [(a, b) for a, b in self.pairs if a not in control_names]
+        values = [("accuracy" if m == "stitch" else m) for m in self.measures]
+        for a, b in shown:
+            for measure, value in zip(self.measures, values):
+                panels.append(self._panel(a, b, f"{a} → {b}: {measure}", value))
+        kwargs.setdefault("columns", len(values))
+        from ._plot import plot_heatmaps
+
+        return plot_heatmaps(panels, path or self.out / "measures", **kwargs)
 
     def to_csv(self, path: str | Path | None = None) -> Path:
         """Write the tidy table of finished cells (default ``out/cells.csv``)."""
@@ -116,12 +146,12 @@ class StudyResults:
 
         return plot_pair_grid(matrices, names, path or self.out / "grid", **kwargs)
 
-    def _panel(self, a: str, b: str, title: str) -> Panel:
+    def _panel(self, a: str, b: str, title: str, value: str = "accuracy") -> Panel:
         from ._plot import Panel
 
         return Panel(
             title=title,
-            matrix=self.matrix(a, b),
+            matrix=self.matrix(a, b, value=value),
             sender_labels=[f"{i} {n}" for i, n in enumerate(self.layers[a])],
             receiver_labels=[f"{j} {n}" for j, n in enumerate(self.layers[b])],
             sender_name=f"sender {a}",

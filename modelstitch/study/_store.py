@@ -21,7 +21,7 @@ from typing import Any
 from .._errors import StitchError
 from ..core import atomic_path
 
-__all__ = ["CELL_COLUMNS", "DISTANCE_COLUMNS", "SCHEMA_VERSION", "ResultStore", "read_run_meta"]
+__all__ = ["CELL_COLUMNS", "DISTANCE_COLUMNS", "MEASURE_COLUMNS", "SCHEMA_VERSION", "ResultStore", "read_run_meta"]
 
 SCHEMA_VERSION = 2
 """Layout of the tables; 1 was modelstitch 0.1 (no ``weights`` column, no schema record)."""
@@ -44,6 +44,9 @@ CELL_COLUMNS = (
     "created",
     "weights",
 )
+MEASURE_COLUMNS = ("sender", "sender_layer", "receiver", "receiver_layer", "measure", "value")
+"""Columns of the ``measures`` table: one similarity-measure value of one cell (objective-independent)."""
+
 _TYPES = {
     "sender_index": "INTEGER",
     "receiver_index": "INTEGER",
@@ -129,6 +132,11 @@ class ResultStore:
                 f"receiver_layer TEXT, sender_index INTEGER, receiver_index INTEGER, control INTEGER, {stats}, "
                 "PRIMARY KEY (sender, sender_layer, receiver, receiver_layer))"
             )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS measures (sender TEXT, sender_layer TEXT, receiver TEXT, "
+                "receiver_layer TEXT, measure TEXT, value REAL, "
+                "PRIMARY KEY (sender, sender_layer, receiver, receiver_layer, measure))"
+            )
             if not tables:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (json.dumps(SCHEMA_VERSION),))
 
@@ -142,18 +150,27 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, rows: Iterable[dict[str, Any]], *, clear_failure: tuple[str, str, str] | None = None) -> None:
+    def add(
+        self,
+        rows: Iterable[dict[str, Any]],
+        *,
+        measures: Iterable[dict[str, Any]] = (),
+        clear_failure: tuple[str, str, str] | None = None,
+    ) -> None:
         """Write finished cells in one transaction (all or none); a cell already present is replaced.
 
         Args:
             rows: one dict per cell, keyed by `CELL_COLUMNS`.
+            measures: similarity-measure values, dicts keyed by `MEASURE_COLUMNS`.
             clear_failure: ``(sender, receiver, objective)`` of a recorded
                 failure to forget in the same transaction.
         """
         placeholders = ", ".join("?" for _ in CELL_COLUMNS)
         values = [tuple(_encode(row.get(c)) for c in CELL_COLUMNS) for row in rows]
+        measured = [tuple(row[c] for c in MEASURE_COLUMNS) for row in measures]
         with self.transaction() as db:
             db.executemany(f"INSERT OR REPLACE INTO cells ({', '.join(CELL_COLUMNS)}) VALUES ({placeholders})", values)
+            db.executemany("INSERT OR REPLACE INTO measures VALUES (?, ?, ?, ?, ?, ?)", measured)
             if clear_failure is not None:
                 db.execute("DELETE FROM failures WHERE sender = ? AND receiver = ? AND objective = ?", clear_failure)
 
@@ -191,6 +208,20 @@ class ResultStore:
         sql = f"SELECT {', '.join(CELL_COLUMNS)} FROM cells" + (f" WHERE {clause}" if clause else "")
         sql += " ORDER BY sender, receiver, objective, sender_index, receiver_index"
         return [dict(zip(CELL_COLUMNS, r)) for r in self._db.execute(sql, tuple(where.values()))]
+
+    def measures(self, **where: Any) -> list[dict[str, Any]]:
+        """Stored similarity-measure values as dicts (`MEASURE_COLUMNS`), filtered by column equality.
+
+        Raises:
+            StitchError: a keyword is not one of `MEASURE_COLUMNS`.
+        """
+        unknown = sorted(set(where) - set(MEASURE_COLUMNS))
+        if unknown:
+            raise StitchError(f"measures(): unknown column(s) {unknown}; the columns are {list(MEASURE_COLUMNS)}")
+        clause = " AND ".join(f"{k} = ?" for k in where)
+        sql = f"SELECT {', '.join(MEASURE_COLUMNS)} FROM measures" + (f" WHERE {clause}" if clause else "")
+        sql += " ORDER BY sender, receiver, measure, sender_layer, receiver_layer"
+        return [dict(zip(MEASURE_COLUMNS, r)) for r in self._db.execute(sql, tuple(where.values()))]
 
     def add_distances(self, rows: Iterable[dict[str, Any]]) -> None:
         """Write per-cell distance statistics (`DISTANCE_COLUMNS`) in one transaction."""
@@ -238,11 +269,18 @@ class ResultStore:
         return default if row is None else json.loads(row[0])
 
     def to_csv(self, path: str | Path, columns: Sequence[str] = CELL_COLUMNS) -> Path:
-        """Write every finished cell as a tidy CSV (one row per cell)."""
+        """Write every finished cell as a tidy CSV (one row per cell), with a column per similarity measure."""
+        names = sorted({row["measure"] for row in self.measures()})
+        values = {(r["sender"], r["sender_layer"], r["receiver"], r["receiver_layer"], r["measure"]): r["value"]
+                  for r in self.measures()}  # fmt: skip
+        rows = self.rows()
+        for row in rows:
+            cell = (row["sender"], row["sender_layer"], row["receiver"], row["receiver_layer"])
+            row.update({name: values.get((*cell, name)) for name in names})
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=[*columns, *names], extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(self.rows())
+            writer.writerows(rows)
         return Path(path)
 
     @contextlib.contextmanager

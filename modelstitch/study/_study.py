@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import time
 import uuid
@@ -39,6 +40,7 @@ from ..core import (
     split_batch,
     suffix,
 )
+from ..metrics import FLATTEN_RULES, LAYER_MEASURES, compare_layers
 from ..stitches import StitchedModel, assemble
 from ..train import Recipe, evaluate_stitches, train_stitches
 from ..zoo import layer_names
@@ -101,6 +103,14 @@ class Study:
         share_suffix: run each receiver suffix once per step for all cells
             that stitch into the same receiver layer (see `train_stitches`).
         cache_dtype: dtype of cached activations (see `train_stitches`).
+        measures: what to compute for every cell: ``"stitch"`` (train and
+            evaluate the stitch) and any similarity measures of
+            `modelstitch.metrics.LAYER_MEASURES` (``"cka"``, ``"pwcca"``, ...),
+            computed on the test data from one forward of both networks per
+            batch, and stored beside the stitching results.
+        measure_rule: how maps and tokens become feature vectors for the
+            measures (see `modelstitch.metrics.compare_layers`; ``None`` picks
+            per measure).
 
     Examples:
         >>> from modelstitch import zoo, data
@@ -138,6 +148,8 @@ class Study:
         eval_batch_size: int = 256,
         share_suffix: bool = False,
         cache_dtype: torch.dtype | None = None,
+        measures: Sequence[str] = ("stitch",),
+        measure_rule: str | None = None,
     ) -> None:
         if not models:
             raise StitchError("a Study needs at least one network in models={name: module}")
@@ -160,6 +172,13 @@ class Study:
         self.share_suffix = share_suffix
         self.cache_dtype = cache_dtype
         self._fingerprints: dict[str, Any] | None = None
+        self.measures = tuple(dict.fromkeys(measures))
+        known = ("stitch", *LAYER_MEASURES)
+        if not self.measures or any(m not in known for m in self.measures):
+            raise StitchError(f"measures={tuple(measures)!r}: choose from {known}")
+        if measure_rule is not None and measure_rule not in FLATTEN_RULES:
+            raise StitchError(f"measure_rule={measure_rule!r}: choose None or one of {list(FLATTEN_RULES)}")
+        self.measure_rule = measure_rule
         self.layers = {name: list(self._layers_of(name, layers)) for name in self.models}
         self.pairs = self._expand_pairs(pairs)
         self.example_input = example_input if example_input is not None else _first_input(train_data)
@@ -214,6 +233,7 @@ class Study:
         twin = copy.copy(self)
         twin.objective = objective or self.objective
         twin.recipe = recipe or self.recipe
+        twin.measures = ("stitch",)  # similarity measures do not depend on the objective: stored once
         return twin
 
     @property
@@ -233,6 +253,8 @@ class Study:
             "seed": self.seed,
             "recipe": repr(self.recipe),
             "cache_dtype": None if self.cache_dtype is None else str(self.cache_dtype),
+            "measures": list(self.measures),
+            "measure_rule": self.measure_rule,
             "fingerprints": self.fingerprints(),
             "pairs": [list(p) for p in self.pairs],
         }
@@ -309,13 +331,9 @@ class Study:
             for key in (f"config:{self.objective}", "config"):
                 store.update_meta(key, lambda saved, key=key: _merge_config(saved, config, key, self.store_path))
             self._remove_orphan_weights(store)
-            done = store.done()
             failed = {(f["sender"], f["receiver"]) for f in store.failures(self.objective)}
-            pending = [
-                p
-                for p in self.pairs
-                if any(c.key not in done for c in self._pair_cells(*p)) and (retry_failed or p not in failed)
-            ]
+            missing = self._missing(store)
+            pending = [p for p in self.pairs if p in missing and (retry_failed or p not in failed)]
             total = sum(len(self._pair_cells(*p)) for p in pending)
             if executor == "ray":
                 outcomes = run_ray(
@@ -344,14 +362,40 @@ class Study:
         with ResultStore(self.store_path) as store:
             return store.failures(self.objective)
 
+    def _missing(self, store: ResultStore) -> set[tuple[str, str]]:
+        """Pairs with a cell or a measure value not yet in the store."""
+        done = store.done()
+        measured = {(r["sender"], r["sender_layer"], r["receiver"], r["receiver_layer"], r["measure"])
+                    for r in store.measures()}  # fmt: skip
+        wanted = [m for m in self.measures if m != "stitch"]
+        missing = set()
+        for pair in self.pairs:
+            for cell in self._pair_cells(*pair):
+                names = (cell.sender, cell.sender_layer, cell.receiver, cell.receiver_layer)
+                if ("stitch" in self.measures and cell.key not in done) or any(
+                    (*names, m) not in measured for m in wanted
+                ):
+                    missing.add(pair)
+                    break
+        return missing
+
     def _commit_pair(
-        self, store: ResultStore, a: str, b: str, rows: list[dict[str, Any]], weights: dict[str, torch.Tensor]
+        self,
+        store: ResultStore,
+        a: str,
+        b: str,
+        rows: list[dict[str, Any]],
+        weights: dict[str, torch.Tensor],
+        measures: list[dict[str, Any]],
     ) -> None:
         """Write a pair's stitch weights under a fresh name, then its rows (naming that file) in one transaction."""
-        name = f"{slug(a)}__{slug(b)}__{self.objective}.{uuid.uuid4().hex[:12]}.safetensors"
-        meta = {"sender": a, "receiver": b, "objective": self.objective, "recipe": repr(self.recipe)}
-        save_checkpoint(self.out / "stitches" / name, weights, meta)
-        store.add([{**row, "weights": name} for row in rows], clear_failure=(a, b, self.objective))
+        name = None
+        if weights:
+            name = f"{slug(a)}__{slug(b)}__{self.objective}.{uuid.uuid4().hex[:12]}.safetensors"
+            meta = {"sender": a, "receiver": b, "objective": self.objective, "recipe": repr(self.recipe)}
+            save_checkpoint(self.out / "stitches" / name, weights, meta)
+        rows = [{**row, "weights": name} for row in rows]
+        store.add(rows, measures=measures, clear_failure=(a, b, self.objective))
         self._remove_orphan_weights(store, (a, b))
 
     def _remove_orphan_weights(self, store: ResultStore, pair: tuple[str, str] | None = None) -> None:
@@ -426,7 +470,39 @@ class Study:
             built.append((cell, stitched))
         return built
 
-    def _run_pair(self, a: str, b: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    def _run_pair(
+        self, a: str, b: str
+    ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[dict[str, Any]]]:
+        measures = self._measure_pair(a, b)
+        if "stitch" not in self.measures:
+            return [], {}, measures
+        rows, weights = self._stitch_pair(a, b)
+        return rows, weights, measures
+
+    def _measure_pair(self, a: str, b: str) -> list[dict[str, Any]]:
+        """The similarity measures of every cell of a pair, from one pass over the test data."""
+        wanted = [m for m in self.measures if m != "stitch"]
+        if not wanted:
+            return []
+        matrices = compare_layers(
+            self.models[a],
+            self.layers[a],
+            self.models[b],
+            self.layers[b],
+            self.test_data,
+            measures=wanted,
+            rule=self.measure_rule,
+            batch_size=self.eval_batch_size,
+            device=self.device,
+        )
+        return [
+            {"sender": a, "sender_layer": sl, "receiver": b, "receiver_layer": rl, "measure": m, "value": float(v)}
+            for m, matrix in matrices.items()
+            for (i, sl), (j, rl) in itertools.product(enumerate(self.layers[a]), enumerate(self.layers[b]))
+            for v in [matrix[i, j]]
+        ]
+
+    def _stitch_pair(self, a: str, b: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
         built = self._build_pair(a, b, self.objective)
         cells = [cell for cell, _ in built]
         stitched = [m for _, m in built]
@@ -504,6 +580,10 @@ class Study:
     def to_csv(self, path: str | Path | None = None) -> Path:
         """Write the tidy table of finished cells (default ``out/cells.csv``)."""
         return self.results.to_csv(path)
+
+    def plot_measures(self, path: str | Path | None = None, **kwargs: Any) -> Figure:
+        """Stitching beside each similarity measure (see `StudyResults.plot_measures`)."""
+        return self.results.plot_measures(path, **kwargs)
 
     def plot(self, path: str | Path | None = None, **kwargs: Any) -> Figure:
         """Heatmaps of each trained pair beside its control pair (see `StudyResults.plot`)."""
