@@ -77,7 +77,7 @@ def test_rerun_with_other_measures_is_a_different_study(study):
 
 
 def test_unknown_measure_is_refused():
-    with pytest.raises(ms.StitchError, match="measures=.*choose from"):
+    with pytest.raises(ms.StitchError, match=r"measures=.*choose from"):
         ms.Study({"A": zoo.small_resnet("R1111", width=4)}, train_data=[], test_data=[], out="x", measures=("ckaa",))
 
 
