@@ -138,7 +138,7 @@ class Cell:
         self.template = ms.stitch(sender, sender_layer, receiver, receiver_layer, example_input=example)
         self.initial = copy.deepcopy(self.template.stitch.state_dict())
         self.steps = _steps(recipe, len(dataset))
-        self.use_amp = recipe.amp and device.type == "cuda"
+        self.use_amp = recipe.uses_amp(device)
         self.amp_dtype = getattr(torch, recipe.amp_dtype)
         self._provided: torch.Tensor | None = None
 
@@ -315,7 +315,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--samples", type=int, default=2048, help="random 32x32 training images (default 2048)")
-    parser.add_argument("--epochs", type=float, default=4, help="passes over the samples (default 4, as Recipe())")
+    parser.add_argument("--epochs", type=float, default=4, help="passes over the samples (default 4)")
     parser.add_argument("--width", type=int, default=16, help="channels of stage 1 of both ResNets (default 16)")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per step (default 128)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each method; the median is kept")
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = TensorDataset(
         torch.randn(args.samples, 3, 32, 32, generator=g), torch.randint(0, 10, (args.samples,), generator=g)
     )
-    recipe = ms.Recipe(lr=0.05, batch_size=args.batch_size, base_batch_size=args.batch_size, epochs=args.epochs)
+    recipe = ms.Recipe.paper(lr=0.05, batch_size=args.batch_size, base_batch_size=args.batch_size, epochs=args.epochs)
     pairs = [tuple(pair.split(":")) for pair in args.cells.split(",")]
     cells = [Cell(sender, s, receiver, r, dataset, recipe, device) for s, r in pairs]
     memory = _PeakMemory(device)

@@ -25,7 +25,7 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from ._errors import StitchError
+from ._errors import StitchError, StitchWarning
 from ._version import __version__
 
 if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers and IDEs
@@ -84,7 +84,7 @@ _DEPRECATED: dict[str, str] = {
 }
 
 # The subpackages (`ms.core`, `ms.study`, ...) load on first use too; they are modules, not names in __all__.
-__all__ = ["StitchError", "__version__", *_PUBLIC]
+__all__ = ["StitchError", "StitchWarning", "__version__", *_PUBLIC]
 
 
 def __getattr__(name: str) -> Any:

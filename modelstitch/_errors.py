@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StitchError", "first_line"]
+__all__ = ["StitchError", "StitchWarning", "first_line"]
 
 
 class StitchError(ValueError):
@@ -13,6 +13,10 @@ class StitchError(ValueError):
     :class:`ValueError`, so code that already catches bad arguments keeps
     working.
     """
+
+
+class StitchWarning(UserWarning):
+    """Issued when a result may not mean what it seems: a failed self-stitch, a mismatched control, too few steps."""
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

@@ -90,20 +90,29 @@ def _zoo_train(args: argparse.Namespace) -> None:
 
 
 def _study_run(args: argparse.Namespace) -> int:
-    from .study import run_preset
+    from .study import PresetOptions, run_preset
 
-    study = run_preset(
-        args.preset,
-        out=args.out,
+    options = PresetOptions(
         data_root=args.data_root,
-        device=args.device,
+        download=args.download,
         seed=args.seed,
         limit=args.limit,
         epochs=args.epochs,
         max_pairs=args.max_pairs,
-        download=args.download,
-        progress=not args.quiet,
         measures=_measures(args.measures),
+        width=args.width,
+        batch_size=args.batch_size,
+        init=args.init,
+        paper_recipe=args.paper_recipe,
+        precision=args.precision,
+        memory_budget=None if args.memory_budget is None else int(args.memory_budget * 1024**3),
+    )
+    study = run_preset(
+        args.preset,
+        out=args.out,
+        options=options,
+        device=args.device,
+        progress=not args.quiet,
         run_options={
             "executor": args.executor,
             "address": args.address,
@@ -114,6 +123,12 @@ def _study_run(args: argparse.Namespace) -> int:
     )
     n = len(study.rows())
     print(f"{n} cells in {study.store_path}; table {study.out / 'cells.csv'}; heatmaps {study.out / 'heatmaps.png'}")
+    for name, s in study.results.self_stitch().items():
+        verdict = "FAILED: low cells may mean 'not found', see docs/trust.md" if s["failed"] else "ok"
+        print(
+            f"self-stitch check {name}: own accuracy {s['accuracy']:.3f}, self-stitch floor {s['floor']:+.3f} "
+            f"(at {s['worst_layer']}): {verdict}"
+        )
     failures = study.failures()
     for f in failures:
         print(
@@ -211,6 +226,8 @@ def _study_analyze(args: argparse.Namespace) -> None:
     images = [tuple(args.image_pair)] if args.image_pair else ([] if args.no_images else None)
     result = analysis.analyze(study, mse_recipe=mse_recipe, images=images, progress=not args.quiet)
     overall = result["triangle"]["overall"]
+    for name, floor in result["triangle"]["self_stitch_floor"].items():
+        print(f"self-stitch floor {name}: {floor:+.3f} (min over layers of self-stitch - network accuracy)")
     for kind, s in overall.items():
         sides = f"{s['lower']:.3f} on or below j/J = i/I, {s['upper']:.3f} above"
         print(f"{kind}: mean accuracy {sides} (gap {s['gap']:+.3f})")
@@ -283,6 +300,20 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="only the first N ordered pairs (and their controls); rerun without it to add the rest",
     )
+    run.add_argument("--width", type=int, help="override the networks' width (channels of the first stage)")
+    run.add_argument("--batch-size", type=int, help="override the stitch batch size (the learning rate scales)")
+    run.add_argument("--init", choices=["random", "identity", "lstsq"], help="override the stitch initialisation")
+    run.add_argument(
+        "--paper-recipe",
+        action="store_true",
+        help="the paper's exact stitch recipe: random init, last epoch kept (default: least squares, best epoch)",
+    )
+    run.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast precision of training and evaluation (default: bf16 on CUDA, fp32 on the CPU)",
+    )
+    run.add_argument("--memory-budget", type=float, help="GiB of activation cache kept in memory; the rest spills")
     run.add_argument("--executor", choices=["local", "ray"], default="local", help="run pairs here or as Ray tasks")
     run.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray)")
     run.add_argument("--retry-failed", action="store_true", help="run pairs that failed before again")
@@ -325,11 +356,18 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="use only this many training (and test) samples")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads torch uses (default: torch's own choice, one per physical core)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         status = args.func(args)
     except StitchError as err:

@@ -133,6 +133,7 @@ def _failing_study(n: dict[str, nn.Module], **kw) -> ms.Study:
         layers={"a": ["stem"], "b": ["nope"]},
         recipe=ms.Recipe(epochs=1, batch_size=8),
         device="cpu",
+        sanity=False,
         **kw,
     )
 

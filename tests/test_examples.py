@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # script -> text its output must contain
 EXPECTED = {
     "quickstart.py": ["receiver accuracy", "stitched accuracy (after)", "stitching penalty", "Upsample"],
-    "resnet_study.py": ["60 cells over 2 pairs", "R1111 -> R2111", "R1111 random -> R2111 random", "heatmaps.png"],
+    "resnet_study.py": ["71 cells over 4 pairs", "R1111 -> R2111", "R1111 random -> R2111 random", "heatmaps.png"],
     "cross_architecture.py": ["TokensToMap", "MapToTokens", "receiver_suffix.method = 'graph'", "method 'hook'"],
     "custom_model.py": ["act:0", "act:1", "runs 2 times per forward", "suffix='hook'", "stitching penalty"],
     "stitch_anything.py": ["layer2.0", "vit[blocks.5] -> resnet18[layer3.0]", "suffix:"],

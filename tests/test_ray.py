@@ -81,7 +81,7 @@ def test_ray_executor_matches_the_local_executor(tmp_path):
         ray.shutdown()
     assert study.failures() == []
     local, distributed = table(tmp_path / "local"), table(tmp_path / "ray")
-    assert len(local) == 30 + 30
+    assert len(local) == 30 + 30 + 5 + 6  # the pair, its control pair, and the two self-stitch diagonals
     assert distributed == local
     assert (tmp_path / "ray" / "stitches").is_dir()
 
@@ -132,7 +132,7 @@ def test_a_killed_worker_is_retried_and_the_study_completes(tmp_path):
     assert proc.returncode == 0, stderr.decode()[-3000:]
     assert "failures: []" in stdout.decode()
     cells = table(out)
-    assert len(cells) == 30 + 30  # every cell present, once (the key is unique)
+    assert len(cells) == 30 + 30 + 5 + 6  # every cell present, once (the key is unique)
 
 
 def test_ray_missing_is_a_clear_error(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ def _study(out: Path, nets: dict | None = None, *, samples: int = 32, **kw) -> m
         layers=dict.fromkeys(nets, LAYERS),
         recipe=ms.Recipe(batch_size=16, epochs=1),
         device="cpu",
+        sanity=False,
         **kw,
     )
 

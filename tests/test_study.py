@@ -203,6 +203,7 @@ def test_a_study_can_grow_by_pairs_in_the_same_folder(tmp_path):
 
     first = study([("A", "B")]).run(progress=False)
     before = {(r["sender_layer"], r["receiver_layer"]): r["created"] for r in first.rows(sender="A", receiver="B")}
+    assert len(first.rows()) == 25 + 2 * 5  # A -> B, and the self-stitch diagonals of A and B
     grown = study("all").run(progress=False)
     assert len(grown.rows()) == 4 * 25
     after = {(r["sender_layer"], r["receiver_layer"]): r["created"] for r in grown.rows(sender="A", receiver="B")}

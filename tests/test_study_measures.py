@@ -18,7 +18,10 @@ LAYERS = ["stem", "layer2.0", "layer4.0"]
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> ms.Study:
     torch.manual_seed(0)
-    net = zoo.small_resnet("R1111", width=4).eval()
+    net = zoo.small_resnet("R1111", width=4)
+    recipe = ms.study.PRESETS["quick"].zoo_recipe.replace(epochs=2)
+    zoo.train_classifier(net, data.subset(data.digits(), 512), recipe=recipe, device="cpu", progress=False)
+    net.eval()
     nets = {"A": net, "A random": zoo.random_control("R1111", seed=1, width=4)}
     return ms.Study(
         nets,

@@ -107,7 +107,7 @@ def test_sender_and_receiver_are_untouched(trained, digits, case, cache):
     x, y = tr.tensors[0][:192].clone(), tr.tensors[1][:192]
     if case == "nan_input":
         x[100, 0, 5, 5] = math.nan
-    recipe = ms.Recipe(lr=1e30 if case == "huge_lr" else 0.05, batch_size=64, base_batch_size=64, epochs=2)
+    recipe = ms.Recipe.paper(lr=1e30 if case == "huge_lr" else 0.05, batch_size=64, base_batch_size=64, epochs=2)
     before = state_snapshot(sender), state_snapshot(receiver)
     modes_before = _modes_and_flags(sender, receiver)
     stitched = _fresh_stitch(sender, "layer2.0", receiver, "layer3.0")
@@ -133,7 +133,7 @@ def test_nan_loss_names_the_step_and_the_cell(trained, digits, cache):
     x, y = tr.tensors[0][:64].clone(), tr.tensors[1][:64]
     x[7] = math.nan
     stitched = _fresh_stitch(model, "layer2.0", model, "layer3.0")
-    recipe = ms.Recipe(batch_size=64, epochs=3)  # one step per epoch: the NaN sample is in step 1
+    recipe = ms.Recipe.paper(batch_size=64, epochs=3)  # one step per epoch: the NaN sample is in step 1
     with pytest.raises(ms.StitchError) as err:
         ms.train_stitch(stitched, TensorDataset(x, y), recipe=recipe, cache=cache, device=CPU, progress=False)
     message = str(err.value)
@@ -144,7 +144,7 @@ def test_nan_loss_names_the_step_and_the_cell(trained, digits, cache):
 def test_diverging_loss_names_the_step():
     net = _tiny_net()
     stitched = ms.stitch(net, "1", net, "3", example_input=torch.randn(2, 6))
-    recipe = ms.Recipe(lr=1e30, batch_size=16, base_batch_size=16, epochs=3, warmup=0.0)
+    recipe = ms.Recipe.paper(lr=1e30, batch_size=16, base_batch_size=16, epochs=3, warmup=0.0)
     with pytest.raises(ms.StitchError, match=r"the loss became (nan|inf|-inf) at step \d+ of 12 .*Sequential\['1'\]"):
         ms.train_stitch(stitched, _tiny_data(), recipe=recipe, device=CPU, progress=False)
 
@@ -158,7 +158,7 @@ def test_cache_trains_on_the_last_partial_batch_too(trained, digits):
     stitched = _fresh_stitch(model, "layer3.0", model, "layer3.0")
     with pytest.raises(ms.StitchError, match="loss became nan"):
         ms.train_stitch(
-            stitched, TensorDataset(x, y), recipe=ms.Recipe(batch_size=32), cache=True, device=CPU, progress=False
+            stitched, TensorDataset(x, y), recipe=ms.Recipe.paper(batch_size=32), cache=True, device=CPU, progress=False
         )
 
 
@@ -173,7 +173,7 @@ def test_same_seed_gives_bitwise_identical_stitches(trained, digits, cache):
     runs = {}
     for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
         stitched = _fresh_stitch(model, "layer2.0", model, "layer3.0", seed=0)
-        recipe = ms.Recipe(lr=0.05, batch_size=32, base_batch_size=32, epochs=2, seed=seed)
+        recipe = ms.Recipe.paper(lr=0.05, batch_size=32, base_batch_size=32, epochs=2, seed=seed)
         result = ms.train_stitch(stitched, sub, recipe=recipe, cache=cache, device=CPU, progress=False)
         runs[name] = (_weights(stitched), result.epoch_losses)
     assert runs["a"][1] == runs["b"][1]
@@ -195,7 +195,7 @@ def test_train_stitches_equals_training_each_alone(trained, digits, cache, share
     tr, _ = digits
     model = trained[0]
     sub = Subset(tr, range(256))
-    recipe = ms.Recipe(lr=0.05, batch_size=64, base_batch_size=64, epochs=2, seed=1)
+    recipe = ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=2, seed=1)
     senders = ["layer1.0", "layer2.0", "layer3.0"]
 
     def build() -> list[ms.StitchedModel]:
@@ -222,7 +222,7 @@ def test_cache_on_disk_equals_cache_in_memory_bitwise(trained, digits):
     tr, _ = digits
     model = trained[0]
     sub = Subset(tr, range(200))
-    recipe = ms.Recipe(lr=0.05, batch_size=32, base_batch_size=32, epochs=2, seed=2)
+    recipe = ms.Recipe.paper(lr=0.05, batch_size=32, base_batch_size=32, epochs=2, seed=2)
     weights = []
     for budget in (2 * 1024**3, 0):
         stitched = _fresh_stitch(model, "layer2.0", model, "layer3.0")
@@ -243,7 +243,7 @@ def test_cache_equals_live_training_with_full_batches(trained, digits):
     model = copy.deepcopy(trained[0]).double()
     x, y = tr[:128]
     sub = TensorDataset(x.double(), y)
-    recipe = ms.Recipe(lr=0.05, batch_size=128, base_batch_size=128, epochs=5, warmup=0.0)
+    recipe = ms.Recipe.paper(lr=0.05, batch_size=128, base_batch_size=128, epochs=5, warmup=0.0)
     runs = []
     for cache in (True, False):
         torch.manual_seed(0)
@@ -310,7 +310,7 @@ def test_tuples_dicts_and_batch_fn_datasets_train_identically(trained, digits, c
     tr, _ = digits
     model = trained[0]
     base = TensorDataset(*(t[:160] for t in tr.tensors))
-    recipe = ms.Recipe(lr=0.05, batch_size=32, base_batch_size=32, epochs=1, seed=5)
+    recipe = ms.Recipe.paper(lr=0.05, batch_size=32, base_batch_size=32, epochs=1, seed=5)
     forms = {
         "tuples": (base, None),
         "dicts": (_DictDigits(base), None),
@@ -342,7 +342,7 @@ def test_dataloaders_of_every_form_train(trained, digits, form, cache):
     loader = DataLoader(dataset, batch_size=48, shuffle=True, generator=torch.Generator().manual_seed(0))
     stitched = _fresh_stitch(model, "layer3.0", model, "layer3.0")
     before = ms.evaluate(stitched, te, device=CPU)["loss"]
-    recipe = ms.Recipe(lr=0.1, batch_size=64, base_batch_size=64, epochs=2)  # the loader's 48 replaces 64
+    recipe = ms.Recipe.paper(lr=0.1, batch_size=64, base_batch_size=64, epochs=2)  # the loader's 48 replaces 64
     result = ms.train_stitch(
         stitched, loader, recipe=recipe, batch_fn=batch_fn, cache=cache, device=CPU, progress=False
     )
@@ -389,7 +389,7 @@ def test_mse_objective_reduces_the_representation_error_without_labels(trained, 
     assert isinstance(next(iter(unlabelled)), torch.Tensor)
     x_test = te.tensors[0][:128]
     before = _stitch_mse(stitched, x_test)
-    recipe = ms.Recipe(lr=0.05, batch_size=32, base_batch_size=32, epochs=3)
+    recipe = ms.Recipe.paper(lr=0.05, batch_size=32, base_batch_size=32, epochs=3)
     result = ms.train_stitch(
         stitched, unlabelled, objective="mse", recipe=recipe, cache=cache, device=CPU, progress=False
     )
@@ -486,7 +486,7 @@ def test_random_init_self_stitch_recovers_the_models_accuracy(trained, digits, l
     tr, te = digits
     model, own = trained
     stitched = _fresh_stitch(model, layer, model, layer, seed=0)
-    recipe = ms.Recipe(lr=0.1, batch_size=64, base_batch_size=64, epochs=15)
+    recipe = ms.Recipe.paper(lr=0.1, batch_size=64, base_batch_size=64, epochs=15)
     ms.train_stitch(stitched, tr, recipe=recipe, cache=True, device=CPU, progress=False)
     accuracy = ms.evaluate(stitched, te, device=CPU)["accuracy"]
     assert accuracy >= own - 0.01, (accuracy, own)
@@ -539,7 +539,7 @@ def test_evaluation_needs_labels():
 def test_progress_false_is_silent_and_true_shows_a_bar(capsys, cache):
     net = _tiny_net()
     stitched = ms.stitch(net, "1", net, "3", example_input=torch.randn(2, 6))
-    recipe = ms.Recipe(batch_size=16, epochs=2)
+    recipe = ms.Recipe.paper(batch_size=16, epochs=2)
     ms.train_stitch(stitched, _tiny_data(), recipe=recipe, cache=cache, device=CPU, progress=False)
     ms.evaluate(stitched, _tiny_data(), device=CPU, progress=False)
     captured = capsys.readouterr()
@@ -555,7 +555,7 @@ def test_train_result_reports_steps_losses_and_time():
     net = _tiny_net()
     stitched = ms.stitch(net, "1", net, "3", example_input=torch.randn(2, 6))
     result = ms.train_stitch(
-        stitched, _tiny_data(), recipe=ms.Recipe(batch_size=16, epochs=2.5), device=CPU, progress=False
+        stitched, _tiny_data(), recipe=ms.Recipe.paper(batch_size=16, epochs=2.5), device=CPU, progress=False
     )
     assert result.steps == 10 and len(result.epoch_losses) == 3 and result.seconds > 0
     assert result.final_loss == result.epoch_losses[-1]

@@ -92,7 +92,7 @@ def analyze(
     from ..study._plot import Panel, plot_heatmaps  # matplotlib loads only here
 
     control_names = set(study.controls.values())
-    trained_pairs = [(a, b) for a, b in study.pairs if a not in control_names]
+    trained_pairs = [p for p in study.pairs if p[0] not in control_names and p not in study.sanity_pairs]
     panels = []
     for a, b in trained_pairs:
         for objective in ("task", "mse"):

@@ -31,14 +31,19 @@ def triangle_summary(results: Study | StudyResults, *, objective: str | None = N
     Returns:
         ``{"pairs": [{"sender", "receiver", "control", "lower", "upper", "gap",
         "n_lower", "n_upper"}, ...], "overall": {"trained": {...},
-        "control": {...}}}`` where ``gap = lower - upper`` (NaN where a side is empty).
+        "control": {...}}, "self_stitch_floor": {network: min over layers of
+        (self-stitch - network accuracy)}}`` where ``gap = lower - upper`` (NaN
+        where a side is empty); a floor below -0.02 means a self-stitch failed.
     """
     view = results.results if isinstance(results, Study) else results
     objective = objective or view.objective
     controls = set(view.controls.values())
+    sanity = set(view.sanity_pairs)  # self-stitch diagonals only: not a grid
     per_pair: dict[tuple[str, str], dict[str, list[float]]] = {}
     for row in view.rows(objective=objective):
         if row["accuracy"] is None or row["sender_index"] < 0 or row["receiver_index"] < 0:
+            continue
+        if (row["sender"], row["receiver"]) in sanity:
             continue
         lower = _position(row["receiver_index"], row["receiver_depth"]) <= _position(
             row["sender_index"], row["sender_depth"]
@@ -55,7 +60,12 @@ def triangle_summary(results: Study | StudyResults, *, objective: str | None = N
         pairs.append({"sender": a, "receiver": b, "control": kind == "control", **_sides(sides)})
         for side in ("lower", "upper"):
             pooled[kind][side].extend(sides[side])
-    return {"pairs": pairs, "overall": {kind: _sides(sides) for kind, sides in pooled.items()}}
+    floors = {name: s["floor"] for name, s in view.self_stitch().items()}
+    return {
+        "pairs": pairs,
+        "overall": {kind: _sides(sides) for kind, sides in pooled.items()},
+        "self_stitch_floor": floors,
+    }
 
 
 def _sides(sides: dict[str, list[float]]) -> dict[str, float]:
@@ -77,4 +87,8 @@ def triangle_markdown(summary: dict[str, Any]) -> str:
         lower = f"{s['lower']:.3f} ({s['n_lower']} cells)"
         upper = f"{s['upper']:.3f} ({s['n_upper']} cells)"
         lines.append(f"| {kind} | {lower} | {upper} | {s['gap']:+.3f} |")
+    floors = summary.get("self_stitch_floor", {})
+    if floors:
+        lines += ["", "| network | self-stitch floor (min over layers: self-stitch - own accuracy) |", "|---|---|"]
+        lines += [f"| {name} | {floor:+.3f} |" for name, floor in floors.items()]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ caller's data into ``(inputs, labels)`` batches.
 """
 
 from ._address import INPUT, Address, list_layers, missing_call_error, parse_address, repeated_call_error
-from ._batches import BatchFn, as_loader, iterate_batches, loader, split_batch, to_device
+from ._batches import BatchFn, as_loader, is_batch_list, iterate_batches, loader, split_batch, to_device
 from ._capture import Activations, activations, capture
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._device import resolve_device
@@ -50,6 +50,7 @@ __all__ = [
     "fingerprint_module",
     "folder_lock",
     "frozen",
+    "is_batch_list",
     "iterate_batches",
     "layer_specs",
     "layout_of",

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._errors import StitchError
 
-__all__ = ["BatchFn", "as_loader", "iterate_batches", "loader", "split_batch", "to_device"]
+__all__ = ["BatchFn", "as_loader", "is_batch_list", "iterate_batches", "loader", "split_batch", "to_device"]
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
 """Maps one batch from the loader to ``(inputs, labels)``; labels may be ``None``."""
@@ -115,7 +115,7 @@ def as_loader(
     Raises:
         StitchError: ``data`` is none of these, or it is empty.
     """
-    if isinstance(data, DataLoader) or _is_batch_list(data):
+    if isinstance(data, DataLoader) or is_batch_list(data):
         return data
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         if len(data) == 0:  # type: ignore[arg-type]
@@ -133,7 +133,7 @@ def as_loader(
     raise StitchError(f"{what} must be a torch Dataset, a DataLoader or an iterable of batches, got {type(data)}")
 
 
-def _is_batch_list(data: object) -> bool:
+def is_batch_list(data: object) -> bool:
     """Whether ``data`` is a list/tuple of ready-made ``(inputs, labels)`` batches."""
     if not isinstance(data, (list, tuple)) or not data:
         return False

@@ -11,13 +11,14 @@ whole prefix again on every call.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 
-from .._errors import StitchError, first_line
+from .._errors import StitchError, StitchWarning, first_line
 from ._address import Address, missing_call_error, parse_address, repeated_call_error
 from ._capture import activations
 from ._freeze import frozen
@@ -46,7 +47,9 @@ class Prefix(nn.Module):
         if self.address.is_input:
             return x
         key = str(self.address)
-        return activations(self.model, x, [key], output=self.output, clone=False)[key]
+        # clone=None copies the output unless the forward stops right after it, so a later in-place op in the
+        # parent (a ReLU(inplace=True)) cannot change what is returned
+        return activations(self.model, x, [key], output=self.output)[key]
 
     def extra_repr(self) -> str:
         return f"{type(self.model).__name__} up to {str(self.address)!r}"
@@ -196,6 +199,12 @@ def suffix(
             if method == "graph":
                 raise StitchError(f"cannot cut {type(model).__name__}'s graph at {layer!r}: {err}") from None
             reason = str(err)
+            warnings.warn(
+                f"{type(model).__name__} from {layer!r} runs as a hooked full forward, which recomputes everything "
+                f"before the layer, because the torch.fx graph cut is not possible: {reason}",
+                StitchWarning,
+                stacklevel=2,
+            )
     return Suffix(model, address, "hook", None, output=output, reason=reason)
 
 
@@ -242,7 +251,8 @@ def _indexes_structure(node: fx.Node) -> bool:
 def _cut_graph(model: nn.Module, address: Address) -> fx.GraphModule:
     tracer = _CutTracer(address.name)
     try:
-        graph = tracer.trace(model)
+        with frozen(model):  # eval mode: no dropout, DropPath or `if self.training` branch baked into the graph
+            graph = tracer.trace(model)
     except Exception as err:  # any tracing failure means: use the hook method
         raise _CannotCut(f"torch.fx could not trace the model ({type(err).__name__}: {first_line(err)})") from None
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == address.name]

@@ -7,7 +7,16 @@ heatmaps; presets (`run_preset`) set up the paper's studies from the zoo.
 """
 
 from ._executors import EXECUTORS, PairFailure, run_local, run_ray
-from ._presets import PRESETS, Preset, build_preset_study, load_dataset, open_preset_study, run_preset, zoo_models
+from ._presets import (
+    PRESETS,
+    Preset,
+    PresetOptions,
+    build_preset_study,
+    load_dataset,
+    open_preset_study,
+    run_preset,
+    zoo_models,
+)
 from ._results import StudyResults
 from ._store import CELL_COLUMNS, ResultStore, read_run_meta
 from ._study import Cell, Study
@@ -19,6 +28,7 @@ __all__ = [
     "Cell",
     "PairFailure",
     "Preset",
+    "PresetOptions",
     "ResultStore",
     "Study",
     "StudyResults",

@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .._errors import StitchError
 from ..core import atomic_path
@@ -45,6 +46,8 @@ class Panel:
         receiver_labels: ``J`` labels for the columns.
         sender_name: Y-axis label.
         receiver_name: X-axis label.
+        marks: ``(i, j)`` cells to outline in red, e.g. self-stitches that
+            failed their sanity check.
 
     Raises:
         StitchError: If ``matrix`` is not 2-D and non-empty, or a label list has the wrong length.
@@ -56,6 +59,7 @@ class Panel:
     receiver_labels: Sequence[str]
     sender_name: str = "sender"
     receiver_name: str = "receiver"
+    marks: Sequence[tuple[int, int]] = ()
 
     def __post_init__(self) -> None:
         matrix = _as_matrix(self.matrix, f"panel {self.title!r}")
@@ -122,7 +126,7 @@ def plot_heatmaps(
     axes = []
     for k, panel in enumerate(panels):
         ax = fig.add_subplot(rows, columns, k + 1)
-        _draw(ax, panel.matrix, norm, colours, diagonal)
+        _draw(ax, panel.matrix, norm, colours, diagonal, panel.marks)
         ax.set_title(panel.title)
         ax.set_xlabel(panel.receiver_name)
         ax.set_ylabel(panel.sender_name)
@@ -223,10 +227,19 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
-def _draw(ax: Axes, matrix: np.ndarray, norm: Normalize, cmap: Colormap, diagonal: bool) -> None:
-    """Show ``matrix`` ``[I, J]`` with row 0 at the top; optionally the line ``j/J = i/I``."""
+def _draw(
+    ax: Axes,
+    matrix: np.ndarray,
+    norm: Normalize,
+    cmap: Colormap,
+    diagonal: bool,
+    marks: Sequence[tuple[int, int]] = (),
+) -> None:
+    """Show ``matrix`` ``[I, J]`` with row 0 at the top; optionally the line ``j/J = i/I`` and outlined cells."""
     rows, cols = matrix.shape
     ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, origin="upper", interpolation="nearest")
+    for i, j in marks:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0))
     if diagonal:
         ax.plot([-0.5, cols - 0.5], [-0.5, rows - 0.5], color="tab:red", lw=1.2, ls="--", scalex=False, scaley=False)
 

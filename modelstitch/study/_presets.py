@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from tqdm.auto import tqdm
 from .. import data as ms_data
 from .. import zoo
 from .._errors import StitchError
-from ..core import fingerprint_data, resolve_device
+from ..core import fingerprint_data, folder_lock, resolve_device
 from ..train import Recipe
 from ._store import ResultStore, read_run_meta
 from ._study import Study
@@ -35,6 +34,11 @@ class Preset:
         zoo_recipe: how each network is trained from scratch.
         recipe: how each stitch is trained.
         controls: add a random-weight control of every network.
+        pairs: ``"all"`` (every ordered pair of trained networks) or
+            ``"cross"`` (only pairs of different networks; each network's
+            self-stitch diagonal is still added as its sanity check).
+        limit: training samples used unless the run asks for another number.
+        test_limit: test samples used unless the run asks for another number.
     """
 
     name: str
@@ -45,6 +49,9 @@ class Preset:
     zoo_recipe: Recipe
     recipe: Recipe
     controls: bool = True
+    pairs: str = "all"
+    limit: int | None = None
+    test_limit: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -59,11 +66,25 @@ PRESETS: dict[str, Preset] = {
             zoo_recipe=zoo.CLASSIFIER_RECIPE.replace(
                 lr=0.05, batch_size=64, base_batch_size=64, epochs=4, channels_last=False
             ),
-            recipe=Recipe(lr=0.05, batch_size=64, base_batch_size=64, epochs=4),
+            recipe=Recipe(lr=0.01, batch_size=64, base_batch_size=64, epochs=4),
+        ),
+        Preset(
+            "cifar-small",
+            "R1111 and R1211 at width 16 and their controls on 5,000 CIFAR-10 training images, each into the "
+            "other; about an hour on 2 CPU cores",
+            ("R1111", "R1211"),
+            width=16,
+            dataset="cifar10",
+            zoo_recipe=zoo.CLASSIFIER_RECIPE.replace(epochs=15, channels_last=False),
+            recipe=Recipe(lr=0.01, batch_size=64, base_batch_size=64, epochs=4),
+            pairs="cross",
+            limit=5000,
+            test_limit=2000,
         ),
         Preset(
             "paper",
-            "all 16 small ResNets R1111..R2222 (width 64) and their controls on CIFAR-10, the paper's recipe",
+            "all 16 small ResNets R1111..R2222 (width 64) and their controls on CIFAR-10 (the paper's networks; "
+            "--paper-recipe for its exact stitch recipe)",
             zoo.ARCHITECTURES,
             width=64,
             dataset="cifar10",
@@ -116,6 +137,7 @@ def zoo_models(
     test_data: Any,
     seed: int,
     device: torch.device,
+    recipe: Recipe | None = None,
     epochs: float | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
@@ -125,7 +147,7 @@ def zoo_models(
         ``(models, controls)``: networks by name (controls named ``"<arch> random"``)
         and the map from each network to its control.
     """
-    recipe = preset.zoo_recipe.replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
+    recipe = (recipe or preset.zoo_recipe).replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
     models: dict[str, torch.nn.Module] = {}
     controls: dict[str, str] = {}
     training = {"recipe": repr(recipe), "width": preset.width, "data": fingerprint_data(train_data)}
@@ -167,47 +189,141 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+@dataclasses.dataclass(frozen=True)
+class PresetOptions:
+    """How to run a preset: the choices `run_preset` and ``modelstitch study run`` offer.
+
+    Recorded in the run folder, so that `open_preset_study` (and ``study
+    analyze``) set the same study up again.
+
+    Attributes:
+        data_root: CIFAR-10 location (an image-folder copy or torchvision's folder).
+        download: let torchvision fetch CIFAR-10 into ``data_root``.
+        seed: networks, controls, data order and every stitch.
+        limit: use only this many training (and test) samples.
+        epochs: override the epochs of both network and stitch training.
+        max_pairs: run only the first N ordered pairs of trained networks (and
+            their control pairs); rerun without it to add the rest.
+        measures: ``("stitch", "cka", ...)``, see `Study`.
+        width: override the networks' width (channels of the first stage).
+        batch_size: override the stitch recipe's batch size (the learning
+            rate scales with it).
+        init: override the stitch initialisation (``"random"``, ``"lstsq"``...).
+        paper_recipe: train stitches with the paper's exact recipe
+            (`Recipe.paper`: random init, the last epoch kept) at the preset's
+            learning rate, batch size and epochs.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for network and stitch
+            training and evaluation (``None``: the recipes' own, bf16 autocast
+            on CUDA and fp32 on the CPU).
+        memory_budget: bytes of activation cache kept in memory.
+    """
+
+    data_root: str | None = None
+    download: bool = False
+    seed: int = 0
+    limit: int | None = None
+    epochs: float | None = None
+    max_pairs: int | None = None
+    measures: tuple[str, ...] = ("stitch",)
+    width: int | None = None
+    batch_size: int | None = None
+    init: str | None = None
+    paper_recipe: bool = False
+    precision: str | None = None
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "measures", tuple(self.measures))
+        if self.data_root is not None:
+            object.__setattr__(self, "data_root", str(self.data_root))
+        if self.precision not in (None, *_PRECISIONS):
+            raise StitchError(f"precision={self.precision!r}: use one of {sorted(_PRECISIONS)} or None")
+
+    def recipe(self, base: Recipe) -> Recipe:
+        """``base`` with this run's seed, epochs and precision (and, for stitches, batch size)."""
+        changes: dict[str, Any] = {"seed": self.seed}
+        if self.epochs is not None:
+            changes["epochs"] = self.epochs
+        if self.precision is not None:
+            changes.update(_PRECISIONS[self.precision])
+        return base.replace(**changes)
+
+
+_PRECISIONS: dict[str, dict[str, Any]] = {
+    "fp32": {"amp": False},
+    "bf16": {"amp": True, "amp_dtype": "bfloat16"},
+    "fp16": {"amp": True, "amp_dtype": "float16"},
+}
+
+
 def build_preset_study(
     name: str,
     *,
     out: str | Path,
-    data_root: str | Path | None = None,
+    options: PresetOptions | None = None,
     device: str | torch.device | None = "auto",
-    seed: int = 0,
-    limit: int | None = None,
-    epochs: float | None = None,
-    max_pairs: int | None = None,
-    download: bool = False,
     progress: bool = True,
-    measures: Sequence[str] = ("stitch",),
+    **settings: Any,
 ) -> Study:
     """Train (or load from ``out/zoo``) a preset's networks and set up its `Study` without running it.
 
-    The arguments are those of `run_preset`; they are recorded in the run
-    folder so that `open_preset_study` can set the same study up again.
+    Args:
+        name: a key of `PRESETS`.
+        out: the run folder.
+        options: how to run it; or pass its fields as keywords (``limit=256``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        progress: show progress bars.
+        **settings: the fields of `PresetOptions`, when ``options`` is not given.
     """
     if name not in PRESETS:
         raise StitchError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if options is None:
+        try:
+            options = PresetOptions(**settings)
+        except TypeError as err:
+            raise StitchError(f"build_preset_study: {err}; the options are {_option_names()}") from None
+    elif settings:
+        raise StitchError("pass either options=PresetOptions(...) or its fields as keywords, not both")
     preset = PRESETS[name]
-    if data_root is not None and preset.dataset == "digits":
+    if options.data_root is not None and preset.dataset == "digits":
         raise StitchError(
             f"preset {name!r} runs on the bundled digits and reads no --data-root; drop it, or choose a CIFAR-10 "
             f"preset ({', '.join(sorted(p.name for p in PRESETS.values() if p.dataset == 'cifar10'))})"
         )
+    if options.width is not None:
+        preset = dataclasses.replace(preset, width=options.width)
     out = Path(out)
     dev = resolve_device(device)
-    train_aug = load_dataset(preset.dataset, train=True, root=data_root, augment=True, download=download)
-    train = load_dataset(preset.dataset, train=True, root=data_root, download=download)
-    test = load_dataset(preset.dataset, train=False, root=data_root, download=download)
-    train_aug, train, test = (ms_data.subset(d, limit, seed=seed) for d in (train_aug, train, test))
+    root, download, seed = options.data_root, options.download, options.seed
+    train_aug = load_dataset(preset.dataset, train=True, root=root, augment=True, download=download)
+    train = load_dataset(preset.dataset, train=True, root=root, download=download)
+    test = load_dataset(preset.dataset, train=False, root=root, download=download)
+    limit = options.limit if options.limit is not None else preset.limit
+    test_limit = options.limit if options.limit is not None else preset.test_limit
+    train_aug, train = (ms_data.subset(d, limit, seed=seed) for d in (train_aug, train))
+    test = ms_data.subset(test, test_limit, seed=seed)
     models, controls = zoo_models(
-        preset, out=out, train_data=train_aug, test_data=test, seed=seed, device=dev, epochs=epochs, progress=progress
+        preset,
+        out=out,
+        train_data=train_aug,
+        test_data=test,
+        seed=seed,
+        device=dev,
+        recipe=options.recipe(preset.zoo_recipe),
+        progress=progress,
     )
-    recipe = preset.recipe.replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
-    pairs: Any = "all"
-    if max_pairs is not None:
-        trained = [name for name in models if name not in controls.values()]
-        pairs = [(a, b) for a in trained for b in trained][:max_pairs]
+    recipe = options.recipe(preset.recipe)
+    if options.paper_recipe:
+        recipe = recipe.replace(init="random", holdout=0.0)
+    if options.init is not None:
+        recipe = recipe.replace(init=options.init)
+    if options.batch_size is not None:
+        recipe = recipe.replace(batch_size=options.batch_size)
+    trained = [n for n in models if n not in controls.values()]
+    pairs: Any = [(a, b) for a in trained for b in trained if preset.pairs == "all" or a != b]
+    if options.max_pairs is not None:
+        pairs = pairs[: options.max_pairs]
+    extra = {"memory_budget": options.memory_budget} if options.memory_budget is not None else {}
     study = Study(
         models,
         train_data=train,
@@ -218,42 +334,37 @@ def build_preset_study(
         recipe=recipe,
         seed=seed,
         device=dev,
-        measures=measures,
+        measures=options.measures,
+        **extra,
     )
-    settings = {"name": name, "data_root": None if data_root is None else str(data_root), "seed": seed}
-    settings["measures"] = list(measures)
-    settings.update({"limit": limit, "epochs": epochs, "max_pairs": max_pairs, "dataset": preset.dataset})
-    with ResultStore(study.store_path) as store:
-        store.set_meta("preset", settings)
+    record = {"name": name, "dataset": preset.dataset, **dataclasses.asdict(options)}
+    with folder_lock(out), ResultStore(study.store_path) as store:
+        store.set_meta("preset", record)
     return study
+
+
+def _option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(PresetOptions)]
 
 
 def open_preset_study(out: str | Path, *, device: str | torch.device | None = "auto", progress: bool = True) -> Study:
     """Set up again the study of a run folder made by `run_preset` (networks from ``out/zoo``)."""
-    settings = read_run_meta(out, "preset")
-    if settings is None:
+    record = read_run_meta(out, "preset")
+    if record is None:
         raise StitchError(f"{out} was not made from a preset; set the Study up in Python and pass it instead")
-    return build_preset_study(
-        settings["name"],
-        out=out,
-        data_root=settings["data_root"],
-        device=device,
-        seed=settings["seed"],
-        limit=settings["limit"],
-        epochs=settings["epochs"],
-        max_pairs=settings.get("max_pairs"),
-        progress=progress,
-        measures=settings.get("measures", ["stitch"]),
-    )
+    options = PresetOptions(**{k: v for k, v in record.items() if k in _option_names()})
+    return build_preset_study(record["name"], out=out, options=options, device=device, progress=progress)
 
 
 def run_preset(
     name: str,
     *,
     out: str | Path,
+    options: PresetOptions | None = None,
+    device: str | torch.device | None = "auto",
     progress: bool = True,
     run_options: dict[str, Any] | None = None,
-    **options: Any,
+    **settings: Any,
 ) -> Study:
     """Train the zoo of a preset (or reuse it), run its study, write the CSV and heatmaps.
 
@@ -263,23 +374,18 @@ def run_preset(
     Args:
         name: a key of `PRESETS`.
         out: the run folder.
+        options: how to run it (`PresetOptions`); or pass its fields as
+            keywords, e.g. ``run_preset("quick", out="runs/q", limit=256)``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         progress: show progress bars.
-        **options: ``data_root`` (CIFAR-10 location; not needed for ``quick``),
-            ``device``, ``seed`` (networks, controls, data order and every
-            stitch), ``limit`` (use only this many training and test samples),
-            ``epochs`` (override the epochs of both network and stitch
-            training), ``max_pairs`` (run only the first N ordered pairs of trained
-            networks and their control pairs, to try a preset before the whole
-            of it; rerun without it to add the rest), ``download`` (let
-            torchvision fetch CIFAR-10), ``measures`` (``("stitch", "cka", ...)``,
-            see `Study`).
         run_options: passed to `Study.run` (``executor``, ``address``,
-            ``retry_failed``, ...).
+            ``retry_failed``, ``keep_going``, ``wait``...).
+        **settings: the fields of `PresetOptions`.
 
     Returns:
         The finished `Study`.
     """
-    study = build_preset_study(name, out=out, progress=progress, **options)
+    study = build_preset_study(name, out=out, options=options, device=device, progress=progress, **settings)
     study.run(progress=progress, **(run_options or {}))
     study.to_csv()
     study.plot()

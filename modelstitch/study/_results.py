@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
     from ._plot import Panel
 
-__all__ = ["StudyResults", "slug"]
+__all__ = ["SANITY_TOLERANCE", "StudyResults", "slug"]
+
+SANITY_TOLERANCE = 0.02
+"""How far (accuracy, absolute) a self-stitch may fall below its network's own accuracy and still pass."""
 
 
 class StudyResults:
@@ -32,6 +35,7 @@ class StudyResults:
         self.controls: dict[str, str] = dict(config.get("controls", {}))
         self.objective: str = config.get("objective", "task")
         self.measures: list[str] = list(config.get("measures", ["stitch"]))
+        self.sanity_pairs = [tuple(p) for p in config.get("sanity_pairs", [])]
         self.pairs = [tuple(p) for p in pairs]
 
     @classmethod
@@ -89,6 +93,40 @@ class StudyResults:
                 out[row["sender_index"], row["receiver_index"]] = row[value]
         return out
 
+    def network_accuracy(self) -> dict[str, float]:
+        """Each network's own test accuracy, as measured by the study (the self-stitch reference)."""
+        saved = read_run_meta(self.out, "network_accuracy") or {}
+        return {name: record["accuracy"] for name, record in saved.items()}
+
+    def self_stitch(self, *, tolerance: float = SANITY_TOLERANCE) -> dict[str, dict[str, Any]]:
+        """The sanity check of every network whose self-stitch diagonal is in the store.
+
+        A self-stitch (a network into itself at the same layer) has an exact
+        solution, the identity, so it should score the network's own accuracy.
+
+        Args:
+            tolerance: how far below the network's accuracy a self-stitch may be and pass.
+
+        Returns:
+            ``{network: {"accuracy": its own, "cells": {layer: self-stitch accuracy},
+            "floor": min over layers of (self-stitch - network accuracy),
+            "worst_layer": where that is, "failed": floor < -tolerance}}``.
+        """
+        own = self.network_accuracy()
+        out: dict[str, dict[str, Any]] = {}
+        for row in self.rows(objective=self.objective):
+            name = row["sender"]
+            if name != row["receiver"] or row["sender_layer"] != row["receiver_layer"] or name not in own:
+                continue
+            entry = out.setdefault(name, {"accuracy": own[name], "cells": {}})
+            entry["cells"][row["sender_layer"]] = row["accuracy"]
+        for entry in out.values():
+            worst = min(entry["cells"], key=entry["cells"].get)
+            entry["floor"] = entry["cells"][worst] - entry["accuracy"]
+            entry["worst_layer"] = worst
+            entry["failed"] = entry["floor"] < -tolerance
+        return out
+
     def measure_rows(self, **where: Any) -> list[dict[str, Any]]:
         """Stored similarity-measure values (see `ResultStore.measures`)."""
         with ResultStore(self.store_path) as store:
@@ -98,7 +136,7 @@ class StudyResults:
         """Stitching beside each similarity measure, one row per trained pair (default ``out/measures``)."""
         control_names = set(self.controls.values())
         panels = []
-        shown = [(a, b) for a, b in self.pairs if a not in control_names]
+        shown = [p for p in self.pairs if p[0] not in control_names and p not in self.sanity_pairs]
         values = [("accuracy" if m == "stitch" else m) for m in self.measures]
         for a, b in shown:
             for measure, value in zip(self.measures, values):
@@ -127,7 +165,7 @@ class StudyResults:
             The matplotlib ``Figure``.
         """
         control_names = set(self.controls.values())
-        shown = pairs or [(a, b) for a, b in self.pairs if a not in control_names]
+        shown = pairs or [p for p in self.pairs if p[0] not in control_names and p not in self.sanity_pairs]
         panels = []
         for a, b in shown:
             panels.append(self._panel(a, b, f"{a} → {b}"))
@@ -149,7 +187,16 @@ class StudyResults:
     def _panel(self, a: str, b: str, title: str, value: str = "accuracy") -> Panel:
         from ._plot import Panel
 
+        marks = []
+        if a == b and value == "accuracy":  # outline the self-stitches that failed their sanity check
+            failed = self.self_stitch().get(a, {"cells": {}, "accuracy": 0.0})
+            marks = [
+                (i, i)
+                for i, layer in enumerate(self.layers[a])
+                if failed["cells"].get(layer, 1.0) < failed["accuracy"] - SANITY_TOLERANCE
+            ]
         return Panel(
+            marks=marks,
             title=title,
             matrix=self.matrix(a, b, value=value),
             sender_labels=[f"{i} {n}" for i, n in enumerate(self.layers[a])],

@@ -37,6 +37,8 @@ CELL_COLUMNS = (
     "loss",
     "train_loss",
     "init_accuracy",
+    "selected_epoch",
+    "holdout_accuracy",
     "seconds",
     "seed",
     "recipe",
@@ -56,6 +58,8 @@ _TYPES = {
     "loss": "REAL",
     "train_loss": "REAL",
     "init_accuracy": "REAL",
+    "selected_epoch": "INTEGER",
+    "holdout_accuracy": "REAL",
     "seconds": "REAL",
     "seed": "INTEGER",
 }

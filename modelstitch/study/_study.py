@@ -17,6 +17,7 @@ import itertools
 import json
 import time
 import uuid
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._errors import StitchError
+from .._errors import StitchError, StitchWarning
 from .._version import __version__
 from ..core import (
     fingerprint_data,
@@ -42,9 +43,9 @@ from ..core import (
 )
 from ..metrics import FLATTEN_RULES, LAYER_MEASURES, compare_layers
 from ..stitches import StitchedModel, assemble
-from ..train import Recipe, evaluate_stitches, train_stitches
+from ..train import Recipe, evaluate_stitches, fit_least_squares_all, holdout_split, train_stitches
 from ..zoo import layer_names
-from ._results import StudyResults, slug
+from ._results import SANITY_TOLERANCE, StudyResults, slug
 from ._store import ResultStore
 
 if TYPE_CHECKING:
@@ -92,7 +93,10 @@ class Study:
         recipe: how each stitch trains (`Recipe`; the paper's by default).
         objective: ``"task"`` or ``"mse"`` (see `train_stitch`).
         kind: stitch kind (see `make_stitch`).
-        init: ``"random"``, ``"identity"`` or ``"lstsq"``.
+        init: ``"random"``, ``"identity"`` or ``"lstsq"``; ``None`` (default)
+            takes ``recipe.init`` (least squares, fitted on the training part
+            in one pass for all cells of a pair). Least squares needs linear
+            stitches: with another ``kind`` the default falls back to random.
         seed: seeds every cell's stitch initialisation.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         cache: train from cached sender activations (see `train_stitches`).
@@ -108,6 +112,10 @@ class Study:
             `modelstitch.metrics.LAYER_MEASURES` (``"cka"``, ``"pwcca"``, ...),
             computed on the test data from one forward of both networks per
             batch, and stored beside the stitching results.
+        sanity: add, for every trained network whose self-pair the study
+            does not already have, its self-stitch diagonal (each layer into
+            itself, where the identity is an exact solution): the check that
+            stitching finds a stitch when one exists (see `self_stitch`).
         measure_rule: how maps and tokens become feature vectors for the
             measures (see `modelstitch.metrics.compare_layers`; ``None`` picks
             per measure).
@@ -120,8 +128,8 @@ class Study:
         ...     data.digits(train=False), 64), out=tempfile.mkdtemp(), pairs=[("A", "B")],
         ...     layers={"A": ["stem", "layer4.0"], "B": ["layer1.0", "layer3.0", "layer4.0"]},
         ...     recipe=Recipe(batch_size=32, epochs=1), device="cpu")
-        >>> len(study.cells())
-        6
+        >>> len(study.cells())  # 2 x 3 cells of A -> B, and the self-stitch diagonals of A (2) and B (3)
+        11
         >>> study.run(progress=False).matrix("A", "B").shape
         (2, 3)
     """
@@ -139,7 +147,7 @@ class Study:
         recipe: Recipe | None = None,
         objective: str = "task",
         kind: str = "auto",
-        init: str = "random",
+        init: str | None = None,
         seed: int = 0,
         device: str | torch.device | None = "auto",
         cache: bool = True,
@@ -150,6 +158,7 @@ class Study:
         cache_dtype: torch.dtype | None = None,
         measures: Sequence[str] = ("stitch",),
         measure_rule: str | None = None,
+        sanity: bool = True,
     ) -> None:
         if not models:
             raise StitchError("a Study needs at least one network in models={name: module}")
@@ -163,7 +172,11 @@ class Study:
         self.recipe = recipe or Recipe()
         self.objective = objective
         self.kind = kind
-        self.init = init
+        self.init = init or self.recipe.init
+        if self.init == "lstsq" and kind not in ("auto", "linear"):
+            if init is not None:
+                raise StitchError(f"init='lstsq' needs kind='linear' stitches, not kind={kind!r}; use init='random'")
+            self.init = "random"
         self.seed = seed
         self.device = resolve_device(device)
         self.cache = cache
@@ -181,6 +194,12 @@ class Study:
         self.measure_rule = measure_rule
         self.layers = {name: list(self._layers_of(name, layers)) for name in self.models}
         self.pairs = self._expand_pairs(pairs)
+        self.sanity_pairs: list[tuple[str, str]] = []
+        if sanity:
+            trained = dict.fromkeys(a for pair in self.pairs for a in pair if a not in set(self.controls.values()))
+            self.sanity_pairs = [(n, n) for n in trained if (n, n) not in self.pairs]
+            self.pairs += self.sanity_pairs
+        self._check_controls()
         self.example_input = example_input if example_input is not None else _first_input(train_data)
 
     # ------------------------------------------------------------------ layout
@@ -222,7 +241,22 @@ class Study:
 
     def _pair_cells(self, a: str, b: str, objective: str | None = None) -> list[Cell]:
         objective = objective or self.objective
+        if (a, b) in self.sanity_pairs:  # the self-stitch diagonal only
+            return [Cell(a, layer, b, layer, objective) for layer in self.layers[a]]
         return [Cell(a, sl, b, rl, objective) for sl in self.layers[a] for rl in self.layers[b]]
+
+    def _check_controls(self) -> None:
+        """Warn when a control is not the same architecture as the network it controls."""
+        for name, control in self.controls.items():
+            shapes = {k: tuple(v.shape) for k, v in self.models[name].state_dict().items()}
+            control_shapes = {k: tuple(v.shape) for k, v in self.models[control].state_dict().items()}
+            if shapes != control_shapes:
+                warnings.warn(
+                    f"control {control!r} does not have the architecture (parameter names and shapes) of {name!r}, "
+                    "so it does not measure what stitching into a random network of that architecture gives",
+                    StitchWarning,
+                    stacklevel=3,
+                )
 
     def sibling(self, *, objective: str | None = None, recipe: Recipe | None = None) -> Study:
         """The same networks, cells, data and folder with another objective or recipe.
@@ -254,6 +288,7 @@ class Study:
             "recipe": repr(self.recipe),
             "cache_dtype": None if self.cache_dtype is None else str(self.cache_dtype),
             "measures": list(self.measures),
+            "sanity_pairs": [list(p) for p in self.sanity_pairs],
             "measure_rule": self.measure_rule,
             "fingerprints": self.fingerprints(),
             "pairs": [list(p) for p in self.pairs],
@@ -355,7 +390,30 @@ class Study:
                         self._commit_pair(store, a, b, *outcome)
                     bar.set_postfix_str(f"{a} -> {b}")
                     bar.update(len(self._pair_cells(a, b)))
+            self._record_network_accuracy(store)
+        failed = {n: s for n, s in self.results.self_stitch().items() if s["failed"]}
+        if failed:
+            worst = ", ".join(f"{n} {s['floor']:+.3f} at {s['worst_layer']}" for n, s in failed.items())
+            warnings.warn(
+                f"self-stitches failed their sanity check (more than {SANITY_TOLERANCE:.0%} below the network's own "
+                f"accuracy): {worst}. A stitch exists there (the identity) but training did not find it, so low "
+                "cells of this study may mean 'not found', not 'dissimilar'; see docs/trust.md",
+                StitchWarning,
+                stacklevel=2,
+            )
         return self
+
+    def _record_network_accuracy(self, store: ResultStore) -> None:
+        """Each network's own test accuracy, stored once per network fingerprint (the self-stitch reference)."""
+        fingerprints = self.fingerprints()["networks"]
+        saved = store.meta("network_accuracy") or {}
+        for name, net in self.models.items():
+            if saved.get(name, {}).get("fingerprint") != fingerprints[name]:
+                (result,) = evaluate_stitches(
+                    [net], self.test_data, device=self.device, batch_size=self.eval_batch_size, recipe=self.recipe
+                )
+                saved[name] = {"accuracy": result["accuracy"], "fingerprint": fingerprints[name]}
+        store.set_meta("network_accuracy", saved)
 
     def failures(self) -> list[dict[str, Any]]:
         """Pairs of this objective that failed: sender, receiver, error, attempts."""
@@ -464,8 +522,7 @@ class Study:
                     specs_b[cell.receiver_layer],
                     suffixes[cell.receiver_layer],
                     kind=self.kind,
-                    init=self.init,
-                    init_data=self.train_data if self.init == "lstsq" else None,
+                    init="random" if self.init == "lstsq" else self.init,
                 )
             built.append((cell, stitched))
         return built
@@ -507,12 +564,17 @@ class Study:
         cells = [cell for cell, _ in built]
         stitched = [m for _, m in built]
         start = time.perf_counter()
+        train, held = self.train_data, None
+        if self.objective == "task":
+            train, held = holdout_split(train, self.recipe.holdout, seed=self.recipe.seed)
         init_results = None
         if self.init == "lstsq":
+            fit_least_squares_all(stitched, train, batch_size=self.eval_batch_size, device=self.device)
             init_results = self._evaluate(stitched)
         results = train_stitches(
             stitched,
-            self.train_data,
+            train,
+            holdout=held,
             objective=self.objective,  # type: ignore[arg-type]
             recipe=self.recipe,
             device=self.device,
@@ -536,6 +598,8 @@ class Study:
                     "accuracy": ev["accuracy"],
                     "loss": ev["loss"],
                     "train_loss": result.final_loss,
+                    "selected_epoch": result.selected_epoch,
+                    "holdout_accuracy": result.holdout_accuracy,
                     "init_accuracy": None if init_results is None else init_results[k]["accuracy"],
                     "seconds": seconds,
                     "seed": cell.seed(self.seed),
@@ -614,14 +678,21 @@ def _merge_config(saved: dict[str, Any] | None, config: dict[str, Any], key: str
                 "one (or delete that folder to start over)"
             )
     pairs = [tuple(p) for p in saved.get("pairs", [])] + [tuple(p) for p in config["pairs"]]
-    return {**saved, "pairs": [list(p) for p in dict.fromkeys(pairs)]}
+    sanity = {tuple(p) for p in saved.get("sanity_pairs", [])} | {tuple(p) for p in config.get("sanity_pairs", [])}
+    full = {tuple(p) for p in saved.get("pairs", [])} - {tuple(p) for p in saved.get("sanity_pairs", [])}
+    full |= {tuple(p) for p in config["pairs"]} - {tuple(p) for p in config.get("sanity_pairs", [])}
+    return {
+        **saved,
+        "pairs": [list(p) for p in dict.fromkeys(pairs)],
+        "sanity_pairs": [list(p) for p in sorted(sanity - full)],  # a self-pair run in full is no longer diagonal-only
+    }
 
 
 def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     """What differs between two study records, in words (which pairs are run does not count)."""
     saved, config = json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(config, default=str))
     out = []
-    for key in sorted((set(saved) | set(config)) - {"pairs", "fingerprints"}):
+    for key in sorted((set(saved) | set(config)) - {"pairs", "sanity_pairs", "fingerprints"}):
         if saved.get(key) != config.get(key):
             out.append(f"{key} was {saved.get(key)!r}, now {config.get(key)!r}")
     old, new = saved.get("fingerprints", {}), config.get("fingerprints", {})

@@ -8,13 +8,16 @@ frozen (many cells per pass over the data, optionally from an
 
 from ._cache import ActivationCache
 from ._evaluate import evaluate, evaluate_stitches, stitching_penalty
+from ._init import fit_least_squares_all
 from ._loop import StepLosses, optimise, total_steps
 from ._plan import LossFn, Plan, cross_entropy
 from ._recipe import Recipe
+from ._select import BestEpoch, holdout_split
 from ._train import Objective, TrainResult, train_stitch, train_stitches
 
 __all__ = [
     "ActivationCache",
+    "BestEpoch",
     "LossFn",
     "Objective",
     "Plan",
@@ -24,6 +27,8 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "evaluate_stitches",
+    "fit_least_squares_all",
+    "holdout_split",
     "optimise",
     "stitching_penalty",
     "total_steps",

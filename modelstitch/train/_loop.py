@@ -33,6 +33,7 @@ def optimise(
     steps_per_epoch: int,
     progress: bool = False,
     describe: Callable[[int], str] = lambda i: f"model {i}",
+    on_epoch: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
 
@@ -50,6 +51,9 @@ def optimise(
         steps_per_epoch: steps whose losses are averaged into one epoch loss.
         progress: show a tqdm bar.
         describe: names parameter set ``i`` in error messages.
+        on_epoch: called with the epoch number (1, 2, ...) after each epoch,
+            the last (maybe partial) one included; e.g. to evaluate and keep
+            the best state.
 
     Returns:
         For each parameter set, the mean training loss of each epoch.
@@ -96,6 +100,8 @@ def optimise(
                     epoch_losses[i].append(value)
                 sums.zero_()
                 count = 0
+                if on_epoch is not None:
+                    on_epoch(len(epoch_losses[0]))
             bar.update(1)
             if len(optimizers) == 1:
                 bar.set_postfix(loss=f"{values[0].item():.4f}", refresh=False)

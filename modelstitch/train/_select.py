@@ -1,0 +1,108 @@
+"""Held-out selection: split off part of the training data and keep each stitch's best epoch on it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .._errors import StitchError
+from ..core import is_batch_list
+from ..stitches import StitchedModel
+from ._evaluate import evaluate_stitches
+from ._recipe import Recipe
+
+__all__ = ["BestEpoch", "holdout_split", "splittable"]
+
+
+def holdout_split(data: Any, fraction: float, *, seed: int) -> tuple[Any, Dataset | None]:
+    """Split a map-style dataset into a training part and a held-out part (a seeded random split).
+
+    Args:
+        data: a map-style Dataset (anything with ``__getitem__`` and ``__len__``).
+        fraction: share of the samples held out, in ``[0, 1)``; ``0`` holds out nothing.
+        seed: seeds the split.
+
+    Returns:
+        ``(training part, held-out part)``: `Subset` views, the training part in
+        the original order; ``(data, None)`` when ``fraction`` is 0.
+
+    Raises:
+        StitchError: ``data`` is a DataLoader or iterable (it cannot be split),
+            or too small to leave samples on both sides.
+
+    Examples:
+        >>> from torch.utils.data import TensorDataset
+        >>> train, held = holdout_split(TensorDataset(torch.arange(20)), 0.15, seed=0)
+        >>> len(train), len(held)
+        (17, 3)
+    """
+    if fraction == 0:
+        return data, None
+    if not splittable(data):
+        raise StitchError(
+            f"Recipe(holdout={fraction}) holds out part of the training data to choose the best epoch, which needs "
+            "a map-style Dataset, not a DataLoader or an iterable; pass the Dataset, or use Recipe(holdout=0)"
+        )
+    n = len(data)
+    held = max(1, math.floor(n * fraction))
+    if n - held < 1:
+        raise StitchError(f"Recipe(holdout={fraction}) leaves no training samples out of {n}; use a lower holdout")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return Subset(data, sorted(order[held:].tolist())), Subset(data, sorted(order[:held].tolist()))
+
+
+def splittable(data: Any) -> bool:
+    """Whether `holdout_split` can split ``data``: a map-style dataset, not a DataLoader or a list of batches."""
+    return (
+        not isinstance(data, DataLoader)
+        and not is_batch_list(data)
+        and hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+    )
+
+
+class BestEpoch:
+    """Tracks each stitch's held-out accuracy after every epoch and keeps its best state.
+
+    Epoch 0 is the state before training (e.g. the least-squares start), so
+    training can never make the kept stitch worse on the held-out data. Ties
+    go to the lower held-out loss, then to the earlier epoch. Extra keywords
+    (``loss_fn``, ``batch_fn``, ``num_workers``) go to `evaluate_stitches`.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[StitchedModel],
+        held: Any,
+        *,
+        recipe: Recipe,
+        device: torch.device,
+        batch_size: int,
+        **evaluate_options: Any,
+    ) -> None:
+        self.models, self.held, self.recipe = list(models), held, recipe
+        self.device, self.batch_size, self.options = device, batch_size, evaluate_options
+        self.best: list[tuple[float, float]] = [(-math.inf, -math.inf)] * len(self.models)
+        self.epochs = [0] * len(self.models)
+        self.states: list[dict[str, torch.Tensor] | None] = [None] * len(self.models)
+
+    def __call__(self, epoch: int) -> None:
+        """Evaluate every stitch on the held-out data; remember the states that improved."""
+        results = evaluate_stitches(
+            self.models, self.held, device=self.device, batch_size=self.batch_size, recipe=self.recipe, **self.options
+        )
+        for i, (model, result) in enumerate(zip(self.models, results)):
+            score = (result["accuracy"], -result["loss"])
+            if score > self.best[i]:
+                self.best[i], self.epochs[i] = score, epoch
+                self.states[i] = {k: v.detach().clone() for k, v in model.stitch.state_dict().items()}
+
+    def restore(self) -> None:
+        """Load each stitch's best state back."""
+        for model, state in zip(self.models, self.states):
+            if state is not None:
+                model.stitch.load_state_dict(state)

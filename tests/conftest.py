@@ -1,0 +1,12 @@
+"""Test-session settings: one torch thread per pytest-xdist worker, so parallel workers do not oversubscribe."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # each worker is one process of several on the same cores: torch's thread pools would fight over them
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses the tests start

@@ -1,0 +1,179 @@
+"""A measure that checks itself: self-stitches find the identity, and the pieces the numbers rest on are right."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import modelstitch as ms
+from modelstitch import data, zoo
+from tests.helpers import same_state, state_snapshot
+
+
+@pytest.fixture(scope="module")
+def digits_net() -> nn.Module:
+    """The quick preset's R1111 recipe, shortened: about 0.93 test accuracy on digits."""
+    torch.manual_seed(0)
+    net = zoo.small_resnet("R1111", width=8)
+    recipe = ms.study.PRESETS["quick"].zoo_recipe.replace(epochs=3)
+    zoo.train_classifier(net, data.digits(), recipe=recipe, device="cpu", progress=False)
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_every_self_stitch_reaches_the_networks_accuracy_with_the_default_recipe(digits_net, tmp_path):
+    own = ms.evaluate(digits_net, data.digits(train=False), device="cpu")["accuracy"]
+    study = ms.Study(
+        {"A": digits_net, "B": zoo.random_control("R1111", seed=1, width=8)},
+        train_data=data.digits(),
+        test_data=data.digits(train=False),
+        out=tmp_path,
+        pairs=[("A", "B")],  # no self-pair asked for: the sanity diagonal is added by default
+        recipe=ms.study.PRESETS["quick"].recipe,
+        device="cpu",
+    ).run(progress=False)
+    check = study.results.self_stitch()["A"]
+    assert check["accuracy"] == pytest.approx(own)
+    assert len(check["cells"]) == 5  # every layer of R1111
+    assert check["floor"] >= -0.02, check
+    assert not check["failed"]
+    assert study.matrix("A", "A").shape == (5, 5)
+    assert np.isnan(study.matrix("A", "A")[0, 1])  # only the diagonal is trained for the sanity check
+
+
+@pytest.mark.slow
+def test_a_failing_self_stitch_is_flagged_warned_and_outlined(digits_net, tmp_path):
+    study = ms.Study(
+        {"A": digits_net},
+        train_data=data.digits(),
+        test_data=data.digits(train=False),
+        out=tmp_path,
+        pairs=[("A", "A")],
+        layers={"A": ["stem", "layer1.0"]},
+        recipe=ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=1),  # random init, few steps
+        device="cpu",
+    )
+    with pytest.warns(ms.StitchWarning, match="self-stitches failed their sanity check"):
+        study.run(progress=False)
+    check = study.results.self_stitch()["A"]
+    assert check["failed"] and check["floor"] < -0.02
+    figure = study.plot()
+    outlined = [p for ax in figure.axes for p in ax.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]
+    assert outlined  # the failed self-stitch cells are outlined in red
+    from modelstitch.analysis import triangle_summary
+
+    assert triangle_summary(study)["self_stitch_floor"]["A"] == pytest.approx(check["floor"])
+
+
+def test_paper_recipe_is_one_option_away():
+    paper = ms.Recipe.paper()
+    assert (paper.init, paper.holdout, paper.lr, paper.batch_size, paper.epochs) == ("random", 0.0, 0.01, 256, 4)
+    assert (paper.momentum, paper.weight_decay, paper.warmup) == (0.9, 0.01, 0.1)
+    assert ms.Recipe().replace(init="random", holdout=0.0) == paper
+
+
+def test_best_epoch_selection_never_ends_worse_on_the_held_out_data():
+    torch.manual_seed(0)
+    net = zoo.small_resnet("R1111", width=4).eval()
+    stitched = ms.stitch(net, "layer2.0", net, "layer2.0", example_input=torch.randn(2, 3, 32, 32))
+    train = data.subset(data.digits(), 200)
+    result = ms.train_stitch(
+        stitched, train, recipe=ms.Recipe(epochs=3, batch_size=32, lr=0.5), device="cpu", progress=False
+    )
+    assert result.selected_epoch in (0, 1, 2, 3)
+    assert result.holdout_accuracy is not None
+
+
+class _Branchy(nn.Module):
+    """A layer followed by an `if self.training` branch, as dropout and DropPath are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)
+        if self.training:
+            h = h * 0
+        return self.head(h)
+
+
+def test_the_graph_cut_is_traced_in_eval_mode_even_for_a_model_in_train_mode():
+    model = _Branchy().train()
+    rest = ms.suffix(model, "layer")
+    assert rest.method == "graph"
+    x = torch.randn(3, 4)
+    expected = model.head(model.layer(x))  # the eval-mode path
+    torch.testing.assert_close(rest(model.layer(x)), expected)
+    assert model.training  # the caller's mode is back
+
+
+class _Skip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) + x  # x is read after the cut at 'a'
+
+
+def test_a_fallback_to_the_hooked_suffix_is_reported_with_its_reason():
+    with pytest.warns(ms.StitchWarning, match=r"hooked full forward.*skip connection across the cut"):
+        rest = ms.suffix(_Skip(), "a")
+    assert rest.method == "hook"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms.suffix(_Skip(), "a", method="hook")  # asked for: nothing to report
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Module()
+        self.block.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.block.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.act(self.block.conv(x)).mean((2, 3))
+
+
+def test_prefix_returns_the_layer_output_before_a_later_in_place_op():
+    torch.manual_seed(0)
+    model, x = _InPlace(), torch.randn(2, 3, 8, 8)
+    got = ms.prefix(model, "block.conv")(x)
+    torch.testing.assert_close(got, model.block.conv(x))
+    assert (got < 0).any()  # not overwritten by the ReLU
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_pair_stitches_and_trains(dtype):
+    torch.manual_seed(0)
+    a, b = (zoo.small_resnet("R1111", width=4).to(dtype).eval() for _ in range(2))
+    stitched = ms.stitch(a, "layer2.0", b, "layer2.0", example_input=torch.randn(2, 3, 32, 32))
+    assert stitched.stitch.core.weight.dtype == dtype and stitched.provided.dtype == dtype
+    before = stitched.stitch.core.weight.detach().clone()
+    train = data.subset(data.digits(), 64)
+    ms.train_stitch(stitched, train, recipe=ms.Recipe.paper(epochs=1, batch_size=32), device="cpu", progress=False)
+    assert not torch.equal(before, stitched.stitch.core.weight)
+    assert torch.isfinite(stitched.stitch.core.weight.float()).all()
+
+
+def test_a_users_own_adamw_loop_changes_the_stitch_and_nothing_else():
+    torch.manual_seed(0)
+    a, b = zoo.small_resnet("R1111", width=4).eval(), zoo.small_resnet("R1111", width=4).eval()
+    snapshots = [state_snapshot(a), state_snapshot(b)]
+    stitched = ms.stitch(a, "layer1.0", b, "layer2.0", example_input=torch.randn(2, 3, 32, 32))
+    stitch_before = copy.deepcopy(stitched.stitch.state_dict())
+    optimizer = torch.optim.AdamW(stitched.parameters(), lr=0.1, weight_decay=0.5)
+    x, y = data.digits()[:16]
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(stitched(x), y).backward()
+        optimizer.step()
+    assert same_state(a, snapshots[0]) and same_state(b, snapshots[1])
+    assert any(not torch.equal(v, stitch_before[k]) for k, v in stitched.stitch.state_dict().items())
