@@ -70,15 +70,15 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "cifar-small",
-            "R1111 and R1211 at width 16 and their controls on 5,000 CIFAR-10 training images, each into the "
+            "R1111 and R1211 at width 16 and their controls on 4,000 CIFAR-10 training images, each into the "
             "other; about an hour on 2 CPU cores",
             ("R1111", "R1211"),
             width=16,
             dataset="cifar10",
-            zoo_recipe=zoo.CLASSIFIER_RECIPE.replace(epochs=15, channels_last=False),
+            zoo_recipe=zoo.CLASSIFIER_RECIPE.replace(epochs=10, channels_last=False),
             recipe=Recipe(lr=0.01, batch_size=64, base_batch_size=64, epochs=4),
             pairs="cross",
-            limit=5000,
+            limit=4000,
             test_limit=2000,
         ),
         Preset(
