@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -209,3 +210,22 @@ def test_a_study_can_grow_by_pairs_in_the_same_folder(tmp_path):
     after = {(r["sender_layer"], r["receiver_layer"]): r["created"] for r in grown.rows(sender="A", receiver="B")}
     assert after == before  # the first pair was not trained again
     assert set(ms.StudyResults.open(tmp_path).pairs) == {("A", "B"), ("A", "A"), ("B", "A"), ("B", "B")}
+
+
+def test_the_cell_bar_moves_while_a_pair_trains(tmp_path, capsys):
+    nets = {"A": zoo.small_resnet("R1111", width=4), "B": zoo.small_resnet("R1111", width=4)}
+    digits = data.subset(data.digits(), 64)
+    ms.Study(
+        nets,
+        train_data=digits,
+        test_data=digits,
+        out=tmp_path,
+        pairs=[("A", "B")],
+        layers={"A": ["stem", "layer4.0"], "B": ["stem", "layer4.0"]},
+        recipe=ms.Recipe(batch_size=8, epochs=2),
+        device="cpu",
+        sanity=False,
+    ).run(progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"cells:\s+\d+%.*\| [0-3]\.\d/4 ", err), err[-500:]  # a fraction of the pair's 4 cells
+    assert "4.0/4" in err

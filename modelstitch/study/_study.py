@@ -185,6 +185,7 @@ class Study:
         self.share_suffix = share_suffix
         self.cache_dtype = cache_dtype
         self._fingerprints: dict[str, Any] | None = None
+        self._on_step: _CellProgress | None = None
         self.measures = tuple(dict.fromkeys(measures))
         known = ("stitch", *LAYER_MEASURES)
         if not self.measures or any(m not in known for m in self.measures):
@@ -381,7 +382,15 @@ class Study:
                 )
             else:
                 outcomes = run_local(self._run_pair, pending, keep_going=keep_going, max_retries=max_retries)
-            with tqdm(total=total, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True) as bar:
+            with tqdm(
+                total=total,
+                desc="cells",
+                unit="cell",
+                disable=not progress,
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+            ) as bar:
+                self._on_step = _CellProgress(bar) if progress and executor == "local" else None
                 for (a, b), outcome in outcomes:
                     if isinstance(outcome, PairFailure):
                         store.add_failure(a, b, self.objective, outcome.error, outcome.attempts)
@@ -389,7 +398,11 @@ class Study:
                     else:
                         self._commit_pair(store, a, b, *outcome)
                     bar.set_postfix_str(f"{a} -> {b}")
-                    bar.update(len(self._pair_cells(a, b)))
+                    moved = 0.0 if self._on_step is None else self._on_step.moved
+                    bar.update(len(self._pair_cells(a, b)) - moved)
+                    if self._on_step is not None:
+                        self._on_step.moved = 0.0
+                self._on_step = None
             self._record_network_accuracy(store)
         failed = {n: s for n, s in self.results.self_stitch().items() if s["failed"]}
         if failed:
@@ -583,6 +596,7 @@ class Study:
             memory_budget=self.memory_budget,
             share_suffix=self.share_suffix,
             cache_dtype=self.cache_dtype,
+            on_step=None if self._on_step is None else self._on_step.for_cells(len(cells)),
         )
         evaluation = self._evaluate(stitched)
         seconds = (time.perf_counter() - start) / len(cells)
@@ -660,6 +674,21 @@ def _first_input(data: Any) -> Any:
         return x.unsqueeze(0) if isinstance(x, torch.Tensor) else x
     x, _ = split_batch(next(iter(data)))
     return x[:2] if isinstance(x, torch.Tensor) else x
+
+
+class _CellProgress:
+    """Moves the study's cell bar while a pair trains: its cells advance in step with the optimiser."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.moved = bar, 0.0
+
+    def for_cells(self, cells: int) -> Any:
+        def on_step(done: int, total: int) -> None:
+            target = cells * done / total * 0.95  # the last 5% when the pair is evaluated and stored
+            self.bar.update(target - self.moved)
+            self.moved = target
+
+        return on_step
 
 
 def _merge_config(saved: dict[str, Any] | None, config: dict[str, Any], key: str, where: Path) -> dict[str, Any]:

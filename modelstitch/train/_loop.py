@@ -34,6 +34,7 @@ def optimise(
     progress: bool = False,
     describe: Callable[[int], str] = lambda i: f"model {i}",
     on_epoch: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[list[float]]:
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
 
@@ -54,6 +55,8 @@ def optimise(
         on_epoch: called with the epoch number (1, 2, ...) after each epoch,
             the last (maybe partial) one included; e.g. to evaluate and keep
             the best state.
+        on_step: called with ``(steps done, total_steps)`` after every step,
+            e.g. to move an outer progress bar.
 
     Returns:
         For each parameter set, the mean training loss of each epoch.
@@ -103,6 +106,8 @@ def optimise(
                 if on_epoch is not None:
                     on_epoch(len(epoch_losses[0]))
             bar.update(1)
+            if on_step is not None:
+                on_step(step + 1, total_steps)
             if len(optimizers) == 1:
                 bar.set_postfix(loss=f"{values[0].item():.4f}", refresh=False)
     return epoch_losses

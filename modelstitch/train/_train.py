@@ -15,7 +15,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -115,6 +115,7 @@ def train_stitches(
     share_suffix: bool = False,
     cache_dtype: torch.dtype | None = None,
     holdout: Any = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[TrainResult]:
     """Train several stitches in one pass over the data; each as if trained alone.
 
@@ -149,6 +150,8 @@ def train_stitches(
             objective only); by default, with ``recipe.holdout > 0``, that
             share of ``data`` is split off (see `holdout_split`) and not
             trained on. Each stitch ends in its best state.
+        on_step: called with ``(steps done, total steps)`` after every
+            optimiser step (a `Study` moves its per-cell progress bar with it).
 
     Returns:
         One `TrainResult` per model, in order.
@@ -249,6 +252,7 @@ def train_stitches(
                 progress=progress,
                 describe=lambda i: f"the cell {models[i].cell}",
                 on_epoch=select,
+                on_step=on_step,
             )
         finally:  # trained stitches are left in eval mode
             for s in stitches:
