@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ._errors import StitchError
 
@@ -90,7 +91,23 @@ def _zoo_train(args: argparse.Namespace) -> None:
 
 
 def _study_run(args: argparse.Namespace) -> int:
-    from .study import PresetOptions, run_preset
+    from .study import PresetOptions, run_preset, study_from_file
+
+    run_options = {
+        "executor": args.executor,
+        "address": args.address,
+        "retry_failed": args.retry_failed,
+        "keep_going": args.keep_going,
+        "wait": args.wait,
+    }
+    if args.config:
+        study = study_from_file(args.config, out=args.out, device=args.device, progress=not args.quiet)
+        study.run(progress=not args.quiet, **run_options)
+        study.to_csv()
+        study.plot()
+        if len(study.measures) > 1:
+            study.plot_measures()
+        return _report(study)
 
     options = PresetOptions(
         data_root=args.data_root,
@@ -109,18 +126,16 @@ def _study_run(args: argparse.Namespace) -> int:
     )
     study = run_preset(
         args.preset,
-        out=args.out,
+        out=args.out or f"runs/{args.preset}",
         options=options,
         device=args.device,
         progress=not args.quiet,
-        run_options={
-            "executor": args.executor,
-            "address": args.address,
-            "retry_failed": args.retry_failed,
-            "keep_going": args.keep_going,
-            "wait": args.wait,
-        },
+        run_options=run_options,
     )
+    return _report(study)
+
+
+def _report(study: Any) -> int:
     n = len(study.rows())
     print(f"{n} cells in {study.store_path}; table {study.out / 'cells.csv'}; heatmaps {study.out / 'heatmaps.png'}")
     for name, s in study.results.self_stitch().items():
@@ -286,6 +301,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="study_command", required=True
     )
     run = study.add_parser("run", help="run a study preset (resumable: rerun to finish)")
+    run.add_argument("--config", help="a study TOML file (networks, layers, data, recipe) instead of a preset")
     run.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -327,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated: stitch plus similarity measures to compute for every cell, e.g. stitch,cka,pwcca "
         "(cka, linear_cka, rbf_cka, cca, svcca, pwcca, procrustes, linear_regression_r2, mutual_knn)",
     )
-    _common(run, out_default="runs/quick")
+    _common(run, out_default=None, out_help="output folder (default runs/<preset>, or the study file's out)")
     run.set_defaults(func=_study_run)
 
     plot = study.add_parser("plot", help="draw the heatmaps (and CSV) of a run folder")
@@ -350,8 +366,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(parser: argparse.ArgumentParser, *, out_default: str) -> None:
-    parser.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+def _common(parser: argparse.ArgumentParser, *, out_default: str | None, out_help: str | None = None) -> None:
+    parser.add_argument("--out", default=out_default, help=out_help or f"output folder (default {out_default})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="use only this many training (and test) samples")

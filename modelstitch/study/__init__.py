@@ -6,6 +6,7 @@ receiver layer) of its pairs, pair by pair, into a resumable SQLite
 heatmaps; presets (`run_preset`) set up the paper's studies from the zoo.
 """
 
+from ._config import study_from_file
 from ._executors import EXECUTORS, PairFailure, run_local, run_ray
 from ._presets import (
     PRESETS,
@@ -38,6 +39,7 @@ __all__ = [
     "read_run_meta",
     "run_local",
     "run_ray",
+    "study_from_file",
     "run_preset",
     "zoo_models",
 ]
