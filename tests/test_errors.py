@@ -17,6 +17,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 import modelstitch as ms
 from modelstitch import zoo
@@ -105,11 +106,119 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
         r"pair a -> b failed: StitchError: .*no layer 'nope'.*--keep-going",
     ),
     (
+        "empty dataset",
+        lambda n: ms.train_stitch(_stitch(n["a"], n["b"]), TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0))),
+        r"training data is empty",
+    ),
+    (
+        "dataset too small to hold any out",
+        lambda n: ms.train_stitch(_stitch(n["a"], n["b"]), _digits(1), device="cpu", progress=False),
+        r"Recipe\(holdout=0.15\) leaves no training samples out of 1",
+    ),
+    (
+        "a NaN batch",
+        lambda n: ms.train_stitch(
+            _stitch(n["a"], n["b"]),
+            [(torch.full((8, 3, 32, 32), float("nan")), torch.zeros(8, dtype=torch.long))],
+            recipe=ms.Recipe(epochs=1, batch_size=8),
+            device="cpu",
+            progress=False,
+        ),
+        r"the loss became nan at step 1 of 1 for the cell SmallResNet\['layer1.0'\]",
+    ),
+    ("CUDA asked for on a CPU machine", lambda n: ms.core.resolve_device("cuda:0"), r"is_available\(\) is False"),
+    ("a device that is not one", lambda n: ms.core.resolve_device("gpu0"), r"device='gpu0' is not a device"),
+    ("no example_input", lambda n: ms.stitch(n["a"], "stem", n["b"], "stem", example_input=None), r"needs example_inp"),
+    ("unknown stitch kind", lambda n: ms.make_stitch((4, 8, 8), (4, 8, 8), kind="conv9"), r"kind"),
+    ("a recipe with lr 0", lambda n: ms.Recipe(lr=0), r"lr must be > 0"),
+    ("a recipe holding out everything", lambda n: ms.Recipe(holdout=1.0), r"holdout is a fraction"),
+    ("unknown objective", lambda n: ms.train_stitch(_stitch(n["a"], n["b"]), _digits(32), objective="l1"), r"'task'"),
+    (
+        "pairs naming an unknown network",
+        lambda n: ms.Study({"a": n["a"]}, train_data=_digits(8), test_data=_digits(8), out="x", pairs=[("a", "z")]),
+        r"pairs names 'z', which is not in models",
+    ),
+    (
+        "a network whose layers cannot be guessed",
+        lambda n: ms.Study(
+            {"mlp": nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))}, train_data=[], test_data=[], out="x"
+        ),
+        r"pass layers=\{'mlp': \[...\]\}",
+    ),
+    (
+        "unknown executor",
+        lambda n: _failing_study(n).run(progress=False, executor="slurm"),
+        r"executor='slurm': use one of",
+    ),
+    (
+        "unknown similarity measure",
+        lambda n: ms.metrics.compare_layers(n["a"], ["stem"], n["b"], ["stem"], _digits(8), measures=("ckaa",)),
+        r"unknown measures",
+    ),
+    ("a corrupt safetensors file", lambda n: ms.core.load_checkpoint(_garbage(b"not safetensors")), r"not a readable"),
+    ("a truncated safetensors file", lambda n: ms.core.load_checkpoint(_truncated(n["a"])), r"not a readable"),
+    ("a store from another version", lambda n: ms.study.ResultStore(_old_store()), r"another version of modelstitch"),
+    (
+        "an output folder under a file",
+        lambda n: _failing_study(n, out=_garbage(b"x") / "run").run(progress=False),
+        r"cannot use .* as a run folder",
+    ),
+    ("a full disk while a pair is stored", lambda n: _full_disk_study(n), r"could not write .*No space left on device"),
+    (
         "wrong channel count at run time",
         lambda n: _stitch(n["a"], n["b"])(torch.randn(2, 5, 32, 32)),
         r"cell SmallResNet\['layer1.0'\] -> SmallResNet\['layer1.0'\] failed: .*5 channels",
     ),
 ]
+
+
+def _digits(count: int) -> Dataset:
+    from modelstitch import data
+
+    return data.subset(data.digits(), count)
+
+
+def _garbage(content: bytes) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "file.safetensors"
+    path.write_bytes(content)
+    return path
+
+
+def _truncated(net: nn.Module) -> Path:
+    path = _garbage(b"")
+    ms.core.save_checkpoint(path, net)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _old_store() -> Path:
+    import sqlite3
+
+    path = _garbage(b"").with_name("study.sqlite")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE cells (sender TEXT)")
+    return path
+
+
+def _full_disk_study(n: dict[str, nn.Module]) -> None:
+    """The stitch weights of the first pair hit a full disk: a StitchError, and nothing half-written."""
+    import errno
+    from unittest import mock
+
+    study = _failing_study(n)
+    study.layers["b"] = ["stem"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        with mock.patch("modelstitch.core._checkpoint.save_file", no_space):
+            study.run(progress=False)
+    finally:
+        assert study.rows() == []  # no row names a file that was not written
+        assert not list((study.out / "stitches").glob("*")) if (study.out / "stitches").exists() else True
 
 
 def _store(n: dict[str, nn.Module]) -> ms.study.ResultStore:
@@ -118,17 +227,15 @@ def _store(n: dict[str, nn.Module]) -> ms.study.ResultStore:
     return ms.study.ResultStore(Path(tempfile.mkdtemp()) / "s.sqlite")
 
 
-def _failing_study(n: dict[str, nn.Module], **kw) -> ms.Study:
+def _failing_study(n: dict[str, nn.Module], out: Path | None = None, **kw) -> ms.Study:
     import tempfile
 
-    from modelstitch import data
-
-    small = data.subset(data.digits(), 16)
+    small = _digits(16)
     return ms.Study(
         {"a": n["a"], "b": n["b"]},
         train_data=small,
         test_data=small,
-        out=tempfile.mkdtemp(),
+        out=out or tempfile.mkdtemp(),
         pairs=[("a", "b")],
         layers={"a": ["stem"], "b": ["nope"]},
         recipe=ms.Recipe(epochs=1, batch_size=8),

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._errors import StitchError
+
 __all__ = ["atomic_path", "write_text"]
 
 
@@ -19,7 +21,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     exception the temporary file is flushed to disk (``fsync``) and renamed
     over ``path`` in one step, so readers see the old file or the new one,
     never half of one. On an exception it is deleted and ``path`` is left as it
-    was. The temporary name is unique (process id and a random part), so concurrent writers of
+    was; an `OSError` (a full disk, a read-only folder) becomes a
+    `StitchError` naming the file. The temporary name is unique (process id and a random part), so concurrent writers of
     the same file never write into each other's temporary files. Missing
     parent folders are created.
 
@@ -32,7 +35,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         ('done', ['a.txt'])
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cannot_write(path, err) from err
     # a fresh name, created by the writer itself so the file gets the usual permissions
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
     try:
@@ -40,9 +46,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, err) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _cannot_write(path: Path, err: OSError) -> StitchError:
+    return StitchError(
+        f"could not write {path} ({err.strerror or err}); check that the folder is writable and the disk has "
+        "room. Nothing was half-written: the previous file, if any, is intact"
+    )
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -51,8 +51,13 @@ def folder_lock(folder: str | os.PathLike[str], *, wait: bool = False) -> Iterat
     except ImportError:  # Windows: no advisory locks
         yield
         return
-    path.mkdir(parents=True, exist_ok=True)
-    handle = open(path / ".lock", "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / ".lock", "a+")  # noqa: SIM115 (held for the whole block)
+    except OSError as err:
+        raise StitchError(
+            f"cannot use {path} as a run folder ({err.strerror or err}); choose a writable folder"
+        ) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

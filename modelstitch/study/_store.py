@@ -97,9 +97,12 @@ class ResultStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: every transaction is explicit (see `transaction`)
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit mode: every transaction is explicit (see `transaction`)
+            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except (OSError, sqlite3.OperationalError) as err:
+            raise StitchError(f"cannot open the store {self.path} ({err}); choose a writable folder") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

@@ -48,6 +48,8 @@ def holdout_split(data: Any, fraction: float, *, seed: int) -> tuple[Any, Datase
             "a map-style Dataset, not a DataLoader or an iterable; pass the Dataset, or use Recipe(holdout=0)"
         )
     n = len(data)
+    if n == 0:
+        raise StitchError("the training data is empty")
     held = max(1, math.floor(n * fraction))
     if n - held < 1:
         raise StitchError(f"Recipe(holdout={fraction}) leaves no training samples out of {n}; use a lower holdout")
