@@ -53,3 +53,20 @@ def test_bench_train_writes_its_json(tmp_path, capsys):
     assert all(math.isfinite(v) for v in result["mean_loss"]["layer2.0->layer2.0"].values())
     printed = capsys.readouterr().out
     assert "ratio_to_floor" in printed and "speedup_vs_naive" in printed
+
+
+def test_bench_study_compares_time_to_accuracy(tmp_path):
+    bench = _load("bench_study")
+    threads = torch.get_num_threads()
+    try:
+        summary = bench.main(
+            ["--device", "cpu", "--limit", "96", "--epochs", "0.5,1", "--layers", "stem,layer4.0", "--threads", "1",
+             "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "study.json")]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "study.json").read_text())["pair"] == ["R1111", "R1211"]
+    assert [r["setting"] for r in summary["results"]] == ["a-paper", "b-default-0.5ep", "b-default-1.0ep"]
+    for r in summary["results"]:
+        assert r["cells"] == 4 and _positive_finite(r["seconds"]) and _positive_finite(r["peak_rss_mib"])
+    assert all(isinstance(r["matches_a"], bool) for r in summary["results"][1:])

@@ -58,8 +58,7 @@ def _study(net, out, **options):
         layers={"A": layers, "A random": layers},
         controls={"A": "A random"},
         recipe=ms.Recipe(lr=0.05, batch_size=64, base_batch_size=64, epochs=2, amp=True, channels_last=True),
-        device="cpu",
-        **options,
+        **{"device": "cpu", **options},
     ).run(progress=False)
 
 
@@ -73,3 +72,11 @@ def test_the_gpu_path_on_the_cpu_trains_and_spilling_changes_nothing(net, tmp_pa
     # the cache itself reads back bitwise (test above); whole studies agree to a test image or so, since bf16
     # CPU kernels may round differently for buffers at different addresses (memory-mapped vs allocated)
     np.testing.assert_allclose(trained, in_memory.matrix("A", "A"), atol=0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gpu_path_on_cuda(net, tmp_path):
+    cuda = _study(net, tmp_path / "cuda", memory_budget=0, share_suffix=True, device="cuda")
+    cpu = _study(net.cpu(), tmp_path / "cpu", memory_budget=0, share_suffix=True)
+    assert np.isfinite(cuda.matrix("A", "A")).all()
+    np.testing.assert_allclose(cuda.matrix("A", "A"), cpu.matrix("A", "A"), atol=0.05)  # bf16 on two devices

@@ -1,0 +1,141 @@
+"""Time to accuracy: the paper's recipe from random init against faster settings, on a fixed set of cells.
+
+For a fixed set of cells (every cell of one ordered pair of small ResNets), it trains and evaluates the cells
+as a `Study` does, once with (a) the paper's recipe from random initialisation, then with each candidate (b):
+the default recipe (least-squares start, best epoch on held-out data) for fewer epochs, with the options the
+GPU path uses (``share_suffix``, bf16 autocast, channels-last) where asked. A candidate *matches* when every
+cell is at most 1 point below (a) and the mean at most 0.5 below; the report names the fastest match and its
+time as a fraction of (a)'s. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per
+setting.
+
+Usage::
+
+    python benchmarks/bench_study.py [--device cpu|cuda|auto] [--json PATH] [--data digits|cifar10]
+        [--data-root DIR] [--limit N] [--width W] [--pair R1111,R1211] [--epochs 0.5,1,2] [--threads N]
+
+On digits the networks are the quick preset's zoo (trained once into ``--out``); on CIFAR-10 the
+``cifar-small`` preset's. ``--fast-options`` adds share_suffix, bf16 and channels-last to every candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import modelstitch as ms
+from modelstitch.study import PRESETS, load_dataset, zoo_models
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_setting(
+    name: str, nets: dict, pair: tuple[str, str], train: Any, test: Any, recipe: ms.Recipe, out: Path, device: str,
+    **study_options: Any,
+) -> dict[str, Any]:  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    study = ms.Study(
+        nets, train_data=train, test_data=test, out=out / name, pairs=[pair], recipe=recipe, device=device,
+        sanity=False, **study_options,
+    ).run(progress=False)  # fmt: skip
+    seconds = time.perf_counter() - start
+    matrix = study.matrix(*pair)
+    return {
+        "setting": name,
+        "recipe": repr(recipe),
+        "options": {k: str(v) for k, v in study_options.items()},
+        "seconds": seconds,
+        "cells": matrix.size,
+        "accuracy": matrix.ravel().tolist(),
+        "mean_accuracy": float(matrix.mean()),
+        "peak_rss_mib": _peak_rss_mib(),
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data", choices=["digits", "cifar10"], default="digits")
+    parser.add_argument("--data-root")
+    parser.add_argument("--limit", type=int, help="training (and test) samples")
+    parser.add_argument("--pair", default="R1111,R1211")
+    parser.add_argument("--layers", help="comma-separated layers of both networks (default: all)")
+    parser.add_argument("--epochs", default="0.5,1,2", help="candidate epochs for (b)")
+    parser.add_argument("--fast-options", action="store_true", help="share_suffix, bf16 autocast, channels-last")
+    parser.add_argument("--out", default="runs/bench-study")
+    parser.add_argument("--json")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = str(ms.core.resolve_device(args.device))
+    preset = PRESETS["quick" if args.data == "digits" else "cifar-small"]
+    out = Path(args.out)
+    train = ms.data.subset(load_dataset(preset.dataset, train=True, root=args.data_root), args.limit or preset.limit)
+    test = ms.data.subset(
+        load_dataset(preset.dataset, train=False, root=args.data_root), args.limit or preset.test_limit
+    )
+    augmented = ms.data.subset(
+        load_dataset(preset.dataset, train=True, root=args.data_root, augment=True), args.limit or preset.limit
+    )
+    models, _ = zoo_models(
+        preset, out=out, train_data=augmented, test_data=test, seed=0, device=torch.device(device), progress=False
+    )
+    pair = tuple(args.pair.split(","))
+    nets = {name: models[name] for name in pair}
+    paper = ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4)
+    layers = {"layers": dict.fromkeys(pair, args.layers.split(","))} if args.layers else {}
+    results = [run_setting("a-paper", nets, pair, train, test, paper, out, device, **layers)]
+    fast = {"share_suffix": True, **layers} if args.fast_options else layers
+    for epochs in (float(e) for e in args.epochs.split(",")):
+        recipe = preset.recipe.replace(epochs=epochs)
+        if args.fast_options:
+            recipe = recipe.replace(amp=True, channels_last=True)
+        results.append(run_setting(f"b-default-{epochs}ep", nets, pair, train, test, recipe, out, device, **fast))
+    base = np.array(results[0]["accuracy"])
+    for r in results[1:]:
+        acc = np.array(r["accuracy"])
+        r["worst_cell_vs_a"] = float((acc - base).min())
+        r["mean_vs_a"] = float(acc.mean() - base.mean())
+        r["matches_a"] = bool((acc >= base - 0.01).all() and acc.mean() >= base.mean() - 0.005)
+        r["time_ratio"] = r["seconds"] / results[0]["seconds"]
+    matches = [r for r in results[1:] if r["matches_a"]]
+    fastest = min(matches, key=lambda r: r["seconds"]) if matches else None
+    print("| setting | seconds | mean accuracy | worst cell vs (a) | mean vs (a) | matches (a) | time / (a) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if r is results[0]:
+            extra = ["-", "-", "-", "1.00"]
+        else:
+            extra = [f"{r['worst_cell_vs_a']:+.3f}", f"{r['mean_vs_a']:+.3f}", str(r["matches_a"])]
+            extra.append(f"{r['time_ratio']:.2f}")
+        print(f"| {r['setting']} | {r['seconds']:.1f} | {r['mean_accuracy']:.3f} | " + " | ".join(extra) + " |")
+    summary = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "pair": list(pair),
+        "results": results,
+        "fastest_match": None if fastest is None else fastest["setting"],
+        "fastest_time_ratio": None if fastest is None else fastest["time_ratio"],
+    }
+    print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
