@@ -108,6 +108,9 @@ def as_loader(
 ) -> Iterable:
     """Use a DataLoader (or any iterable of batches) as given; wrap a Dataset with `loader`.
 
+    A dataset with a ``loader(batch_size=, shuffle=, seed=, drop_last=)``
+    method (`modelstitch.data.TensorImages`) makes its own batches.
+
     A list or tuple whose items are already batches (``(inputs [B, ...],
     labels [B])`` with a 1-D label tensor)
     is used as an iterable of batches, not as a dataset of samples.
@@ -117,6 +120,8 @@ def as_loader(
     """
     if isinstance(data, DataLoader) or is_batch_list(data):
         return data
+    if callable(getattr(data, "loader", None)):  # a dataset that makes its own batches (data.TensorImages)
+        return data.loader(batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         if len(data) == 0:  # type: ignore[arg-type]
             raise StitchError(f"{what} is empty")

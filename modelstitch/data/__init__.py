@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .._errors import StitchError
 from ..core import loader
+from ._tensor_images import TensorImages, decoded_image_folder
 
 if TYPE_CHECKING:  # torchvision loads when a dataset is made, not on import
     from torchvision import datasets, transforms
@@ -34,8 +35,10 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DIGITS_CLASSES",
+    "TensorImages",
     "cifar10",
     "cifar10_folder",
+    "decoded_image_folder",
     "denormalize",
     "digits",
     "image_folder",
@@ -201,7 +204,8 @@ def cifar10_folder(
     train: bool = True,
     augment: bool = False,
     normalize: bool = True,
-) -> datasets.ImageFolder:
+    decoded: bool = False,
+) -> datasets.ImageFolder | TensorImages:
     """CIFAR-10 stored as image files: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*``.
 
     The class folders must be the ten CIFAR-10 class names (`CIFAR10_CLASSES`);
@@ -213,9 +217,14 @@ def cifar10_folder(
         train: read ``root/train``, or else ``root/test``.
         augment: random crop (padding 4) and horizontal flip, for training.
         normalize: normalise with `CIFAR10_MEAN` and `CIFAR10_STD`.
+        decoded: decode every image once into a `TensorImages` (cached on
+            disk, see `decoded_image_folder`): the whole split as one uint8
+            tensor, batched and augmented with tensor operations, on the GPU
+            after ``.to("cuda")``.
 
     Returns:
-        An ImageFolder of ``(image [3, 32, 32] float32, label int)``.
+        An ImageFolder (or, with ``decoded``, a `TensorImages`) of
+        ``(image [3, 32, 32] float32, label int)``.
 
     Raises:
         StitchError: the folder is missing or its classes are not CIFAR-10's.
@@ -226,7 +235,11 @@ def cifar10_folder(
             f"CIFAR-10 image folder {str(split)!r} does not exist; expected <root>/train/<class>/*.jpg "
             "and <root>/test/<class>/*.jpg"
         )
-    dataset = image_folder(split, augment=augment, normalize=normalize)
+    if decoded:
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if normalize else ((0.0,) * 3, (1.0,) * 3)
+        dataset = decoded_image_folder(split, mean=mean, std=std, augment=augment)
+    else:
+        dataset = image_folder(split, augment=augment, normalize=normalize)
     if tuple(dataset.classes) != CIFAR10_CLASSES:
         raise StitchError(f"{str(split)!r} has classes {dataset.classes}, not CIFAR-10's {list(CIFAR10_CLASSES)}")
     return dataset
@@ -314,6 +327,8 @@ def subset(dataset: Dataset[Any], limit: int | None, *, seed: int = 0) -> Datase
     if limit >= n:
         return dataset
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if callable(getattr(dataset, "subset", None)):  # a TensorImages stays one
+        return dataset.subset(order[:limit])
     return Subset(dataset, order[:limit].tolist())
 
 

@@ -123,8 +123,8 @@ def load_dataset(
         if root is None:
             raise StitchError("CIFAR-10 needs --data-root DIR (an image folder copy, or where torchvision keeps it)")
         split = Path(root) / ("train" if train else "test")
-        if split.is_dir():
-            return ms_data.cifar10_folder(root, train=train, augment=augment)
+        if split.is_dir():  # an image-folder copy: decoded once (and cached), batched as tensors
+            return ms_data.cifar10_folder(root, train=train, augment=augment, decoded=True)
         return ms_data.cifar10(root, train=train, augment=augment, download=download)
     raise StitchError(f"unknown dataset {name!r}: use 'digits' or 'cifar10'")
 

@@ -54,7 +54,10 @@ def holdout_split(data: Any, fraction: float, *, seed: int) -> tuple[Any, Datase
     if n - held < 1:
         raise StitchError(f"Recipe(holdout={fraction}) leaves no training samples out of {n}; use a lower holdout")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
-    return Subset(data, sorted(order[held:].tolist())), Subset(data, sorted(order[:held].tolist()))
+    train, rest = sorted(order[held:].tolist()), sorted(order[:held].tolist())
+    if callable(getattr(data, "subset", None)):  # keeps a TensorImages' fast batches
+        return data.subset(train), data.subset(rest)
+    return Subset(data, train), Subset(data, rest)
 
 
 def splittable(data: Any) -> bool:
