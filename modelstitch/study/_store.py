@@ -208,13 +208,8 @@ class ResultStore:
         Raises:
             StitchError: a keyword is not one of `CELL_COLUMNS`.
         """
-        unknown = sorted(set(where) - set(CELL_COLUMNS))
-        if unknown:
-            raise StitchError(f"rows(): unknown column(s) {unknown}; the columns are {list(CELL_COLUMNS)}")
-        clause = " AND ".join(f"{k} = ?" for k in where)
-        sql = f"SELECT {', '.join(CELL_COLUMNS)} FROM cells" + (f" WHERE {clause}" if clause else "")
-        sql += " ORDER BY sender, receiver, objective, sender_index, receiver_index"
-        return [dict(zip(CELL_COLUMNS, r)) for r in self._db.execute(sql, tuple(where.values()))]
+        order = "sender, receiver, objective, sender_index, receiver_index"
+        return self._select("cells", CELL_COLUMNS, order, where)
 
     def measures(self, **where: Any) -> list[dict[str, Any]]:
         """Stored similarity-measure values as dicts (`MEASURE_COLUMNS`), filtered by column equality.
@@ -222,13 +217,17 @@ class ResultStore:
         Raises:
             StitchError: a keyword is not one of `MEASURE_COLUMNS`.
         """
-        unknown = sorted(set(where) - set(MEASURE_COLUMNS))
+        order = "sender, receiver, measure, sender_layer, receiver_layer"
+        return self._select("measures", MEASURE_COLUMNS, order, where)
+
+    def _select(self, table: str, columns: Sequence[str], order: str, where: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rows of ``table`` whose ``where`` columns equal the given values; column names are checked, values bound."""
+        unknown = sorted(set(where) - set(columns))
         if unknown:
-            raise StitchError(f"measures(): unknown column(s) {unknown}; the columns are {list(MEASURE_COLUMNS)}")
+            raise StitchError(f"{table}: unknown column(s) {unknown}; the columns are {list(columns)}")
         clause = " AND ".join(f"{k} = ?" for k in where)
-        sql = f"SELECT {', '.join(MEASURE_COLUMNS)} FROM measures" + (f" WHERE {clause}" if clause else "")
-        sql += " ORDER BY sender, receiver, measure, sender_layer, receiver_layer"
-        return [dict(zip(MEASURE_COLUMNS, r)) for r in self._db.execute(sql, tuple(where.values()))]
+        sql = f"SELECT {', '.join(columns)} FROM {table}" + (f" WHERE {clause}" if clause else "")
+        return [dict(zip(columns, r)) for r in self._db.execute(f"{sql} ORDER BY {order}", tuple(where.values()))]
 
     def add_distances(self, rows: Iterable[dict[str, Any]]) -> None:
         """Write per-cell distance statistics (`DISTANCE_COLUMNS`) in one transaction."""
