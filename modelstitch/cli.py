@@ -373,17 +373,33 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None, out_hel
     parser.add_argument("--limit", type=int, help="use only this many training (and test) samples")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
-        "--threads", type=int, help="CPU threads torch uses (default: torch's own choice, one per physical core)"
+        "--threads",
+        type=int,
+        help="CPU threads torch uses (default: the cores not already busy, by the load average; at least 1)",
     )
+
+
+def _free_cores(cores: int) -> int:
+    """Threads for torch: its default (one per physical core) less the cores other work keeps busy.
+
+    On 2 cores with two other busy processes, one cell of benchmarks/bench_train.py took 0.65 s with one
+    thread and 8.1 s with two (docs/performance.md): torch's thread pools wait for busy cores, so asking
+    for more threads than are free costs far more than it can gain on small models.
+    """
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return cores
+    return max(1, min(cores, round(cores - busy)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    if getattr(args, "threads", None):
+    if hasattr(args, "threads"):
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or _free_cores(torch.get_num_threads()))
     try:
         status = args.func(args)
     except StitchError as err:
