@@ -213,7 +213,7 @@ def _compare(args: argparse.Namespace) -> None:
         )
         for m, matrix in matrices.items()
     ]
-    plot_heatmaps(panels, out / "compare", suptitle=f"{args.a} vs {args.b} on {args.data}")
+    plot_heatmaps(panels, out / "compare", suptitle=f"{args.a} vs {args.b} on {args.data}", label="similarity")
     for m, matrix in matrices.items():
         print(f"{m}: {matrix.shape[0]} x {matrix.shape[1]} layers, values {matrix.min():.3f} to {matrix.max():.3f}")
     print(f"wrote {out / 'compare.csv'} and {out / 'compare.png'}")

@@ -87,6 +87,7 @@ def plot_heatmaps(
     formats: Sequence[str] = ("png", "svg"),
     dpi: int = 150,
     suptitle: str | None = None,
+    label: str = "stitching accuracy",
 ) -> Figure:
     """Draw similarity matrices side by side with one shared colorbar.
 
@@ -102,6 +103,7 @@ def plot_heatmaps(
         formats: File formats to write when ``path`` is given.
         dpi: Resolution of raster formats.
         suptitle: Title above all panels.
+        label: The colour bar's label.
 
     Returns:
         The figure (already saved when ``path`` was given).
@@ -134,7 +136,7 @@ def plot_heatmaps(
         if annotate or (annotate is None and panel.matrix.size <= _AUTO_ANNOTATE_CELLS):
             _annotate(ax, panel.matrix, norm, colours, fontsize=min(8.0, 0.4 * 72 * side / cells))
         axes.append(ax)
-    _finish(fig, axes, ScalarMappable(norm, colours), suptitle)
+    _finish(fig, axes, ScalarMappable(norm, colours), suptitle, label)
     if path is not None:
         _save(fig, Path(path), formats, dpi)
     return fig
@@ -263,9 +265,11 @@ def _annotate(ax: Axes, matrix: np.ndarray, norm: Normalize, cmap: Colormap, fon
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=fontsize)
 
 
-def _finish(fig: Figure, axes: list[Axes], mappable: ScalarMappable, suptitle: str | None) -> None:
+def _finish(
+    fig: Figure, axes: list[Axes], mappable: ScalarMappable, suptitle: str | None, label: str = "stitching accuracy"
+) -> None:
     """Add the colorbar shared by ``axes`` and the figure title."""
-    fig.colorbar(mappable, ax=axes, label="stitching accuracy", shrink=0.85)
+    fig.colorbar(mappable, ax=axes, label=label, shrink=0.85)
     if suptitle:
         fig.suptitle(suptitle)
 

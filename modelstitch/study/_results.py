@@ -142,6 +142,7 @@ class StudyResults:
             for measure, value in zip(self.measures, values):
                 panels.append(self._panel(a, b, f"{a} → {b}: {measure}", value))
         kwargs.setdefault("columns", len(values))
+        kwargs.setdefault("label", "stitching accuracy, or the measure's value")
         from ._plot import plot_heatmaps
 
         return plot_heatmaps(panels, path or self.out / "measures", **kwargs)
