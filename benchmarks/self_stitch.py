@@ -17,7 +17,8 @@ Usage::
 
     python benchmarks/self_stitch.py [--out DIR] [--json PATH] [--figure PATH] [--threads N] [--seeds 0,1,2]
 
-``--seeds`` reruns the study seed (stitch init and data order) for the seed-to-seed spread of each cell.
+``--seeds`` reruns the study seed (stitch init, data order and held-out split) for the seed-to-seed spread of
+each cell (``--layers stem,layer1.0,layer2.0`` keeps it to a few cells).
 ``--steps-sweep 0.25,0.5,1,2,4,8`` instead trains R1111 -> R1211 with the default recipe for each number of
 epochs and prints the mean and minimum cell accuracy against the optimiser steps (the measurement behind
 ``MIN_STEPS``, the threshold of the too-few-steps warning).
@@ -46,7 +47,7 @@ def settings() -> dict[str, ms.Recipe]:
     return {"paper": ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4), "default": quick}
 
 
-def run(out: Path, seeds: list[int]) -> dict[str, Any]:
+def run(out: Path, seeds: list[int], layers: list[str] | None = None) -> dict[str, Any]:
     cpu = torch.device("cpu")
     preset = PRESETS["quick"]
     models, _ = zoo_models(
@@ -69,6 +70,7 @@ def run(out: Path, seeds: list[int]) -> dict[str, Any]:
                 seed=seed,
                 device=cpu,
                 sanity=False,
+                layers=None if layers is None else dict.fromkeys(nets, layers),
             ).run(progress=False)
             result["seconds"][f"{name}/seed{seed}"] = time.perf_counter() - start
             for row in study.rows():
@@ -77,7 +79,7 @@ def run(out: Path, seeds: list[int]) -> dict[str, Any]:
                 cell.setdefault(name, []).append(row["accuracy"])
                 if name == "default":
                     cell.setdefault("lstsq", []).append(row["init_accuracy"])
-        if seed == seeds[0]:
+        if seed == seeds[0] and layers is None:
             result["curves"] = self_stitch_curves(nets["R1111"], seed)
     return result
 
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", default="0", help="comma-separated study seeds")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--steps-sweep", help="comma-separated epochs: accuracy against optimiser steps instead")
+    parser.add_argument("--layers", help="comma-separated layers of both networks (default: all; the curves need all)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,14 +204,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return {"sweep": rows}
-    result = run(Path(args.out), [int(s) for s in args.seeds.split(",")])
+    layers = args.layers.split(",") if args.layers else None
+    result = run(Path(args.out), [int(s) for s in args.seeds.split(",")], layers)
     print(table(result))
     print("network accuracy:", {k: round(v, 3) for k, v in result["network_accuracy"].items()})
     print("seconds:", {k: round(v, 1) for k, v in result["seconds"].items()})
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.figure:
+    if args.figure and result["curves"]:
         figure(result, Path(args.figure))
     return result
 
