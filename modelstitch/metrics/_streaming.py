@@ -187,7 +187,6 @@ class MinibatchCKA:
             self.hsic_ab, self.hsic_aa, self.hsic_bb = ab, aa, bb
             self.layers_a, self.layers_b = names_a, names_b
         else:
-            assert self.hsic_aa is not None and self.hsic_bb is not None
             self.hsic_ab += ab.to(self.hsic_ab.device)
             self.hsic_aa += aa.to(self.hsic_aa.device)
             self.hsic_bb += bb.to(self.hsic_bb.device)
