@@ -70,3 +70,23 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     for r in summary["results"]:
         assert r["cells"] == 4 and _positive_finite(r["seconds"]) and _positive_finite(r["peak_rss_mib"])
     assert all(isinstance(r["matches_a"], bool) for r in summary["results"][1:])
+
+
+def test_layer_identification_writes_its_json(tmp_path, capsys):
+    bench = _load("layer_identification")
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.main(
+            ["--widths", "4", "--seeds", "2", "--epochs", "0.2", "--measures", "linear_cka,rbf_cka:0.2,cca",
+             "--threads", "1", "--json", str(tmp_path / "id.json")]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "id.json").read_text()) == rows
+    # the CCA family is not run on flattened maps
+    assert [(r["measure"], r["rule"]) for r in rows] == [
+        ("linear_cka", "mean"), ("linear_cka", "flatten"), ("rbf_cka:0.2", "mean"), ("rbf_cka:0.2", "flatten"),
+        ("cca", "mean"),
+    ]  # fmt: skip
+    assert all(r["cases"] == 10 and 0 <= r["top1"] <= r["top2"] <= 1 for r in rows)
+    assert "| 4 | cca | mean |" in capsys.readouterr().out

@@ -20,8 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import modelstitch as ms
-from modelstitch import StitchError, metrics, zoo
+from modelstitch import StitchError, metrics
 from modelstitch.metrics import MinibatchCKA, flatten_features
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -731,17 +730,8 @@ def test_measures_page_snippets_run():
     assert tried > 0 and failures == 0
 
 
-def _load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_bench_measures", ROOT / "benchmarks" / "bench_measures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_measures_writes_its_json(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = _load_benchmark("bench_measures")
     path = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:
@@ -760,65 +750,42 @@ def test_bench_measures_writes_its_json(tmp_path, capsys):
 # --------------------------------------------------------------------------- layer identification
 
 
-SEEDS = (0, 1, 2)
-IDENTIFICATION = [  # (measure, flatten rule, lowest top-1 accuracy, lowest top-2 accuracy)
-    ("linear_cka", "mean", 0.6, 0.85),
-]
+def _load_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def trained_activations() -> tuple[list[str], list[dict[str, torch.Tensor]]]:
-    """Three R1111 width-8 ResNets trained from different seeds on the digits train split; their layer outputs
-    on the 360 test images."""
+    """Four R1111 width-16 ResNets trained from seeds 0 to 3 on the digits train split; their block outputs on
+    the 360 test images (`benchmarks/layer_identification.py` is the full measurement)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train = ms.data.digits()
-        x = ms.data.digits(train=False).tensors[0]
-        acts, layers = [], []
-        for seed in SEEDS:
-            torch.manual_seed(seed)
-            model = zoo.small_resnet("R1111", width=8)
-            recipe = zoo.CLASSIFIER_RECIPE.replace(
-                lr=0.05, batch_size=64, base_batch_size=64, epochs=4, channels_last=False, seed=seed
-            )
-            zoo.train_classifier(model, train, recipe=recipe, device="cpu", progress=False)
-            layers = zoo.layer_names(model)
-            with torch.no_grad():
-                acts.append(ms.activations(model, x, layers))
+        return _load_benchmark("layer_identification").trained_activations("R1111", 16, [0, 1, 2, 3])
     finally:
         torch.set_num_threads(threads)
-    return layers, acts
-
-
-def _identification(layers, acts, measure, rule) -> tuple[float, float]:
-    """Fraction of layers of A whose most similar layer of B (and whose two most similar) include the same index,
-    over all ordered pairs of networks."""
-    top1 = top2 = total = 0
-    for a, b in itertools.permutations(range(len(acts)), 2):
-        fa = [flatten_features(acts[a][name], rule) for name in layers]
-        fb = [flatten_features(acts[b][name], rule) for name in layers]
-        sim = np.array([[metrics.MEASURES[measure](u, v) for v in fb] for u in fa])
-        order = np.argsort(-sim, axis=1)
-        top1 += int((order[:, 0] == np.arange(len(layers))).sum())
-        top2 += int((order[:, :2] == np.arange(len(layers))[:, None]).any(axis=1).sum())
-        total += len(layers)
-    return top1 / total, top2 / total
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("measure", "rule", "min_top1", "min_top2"), IDENTIFICATION, ids=[c[0] for c in IDENTIFICATION]
-)
-def test_cka_identifies_corresponding_layers_across_seeds(trained_activations, measure, rule, min_top1, min_top2):
+def test_cka_identifies_corresponding_layers_across_seeds(trained_activations):
     """Kornblith et al.'s (2019) sanity check at small scale: the layer of network B most similar to a layer of A
-    should be the same layer. Chance is 1/5. The digits nets' early layers are nearly interchangeable (stem,
-    layer1.0 and layer2.0 have CKA above 0.9 with each other), so the top-1 rate stays below Kornblith's 90%+."""
+    should be the same layer (chance is 1/5). RBF CKA with a local kernel (0.2 of the median distance) finds it
+    in at least 90% of the 60 cases. Linear CKA confuses the stem with layer1.0 (in a ResNet's residual stream
+    they are close) and stays lower on such narrow nets; CCA, which they show fails this test, does far worse."""
     layers, acts = trained_activations
-    top1, top2 = _identification(layers, acts, measure, rule)
-    assert top1 >= min_top1 and top2 >= min_top2, (top1, top2)
-    cca_top1, _ = _identification(layers, acts, "cca", rule)
-    assert top1 >= cca_top1 + 0.3, (top1, cca_top1)  # CKA identifies layers, CCA does not (their Table 2)
+    identify = _load_benchmark("layer_identification").identification
+    top1, top2, cases = identify(layers, acts, "rbf_cka:0.2", "mean")
+    assert cases == 60
+    assert top1 >= 0.9 and top2 >= 0.95, (top1, top2)
+    linear_top1, linear_top2, _ = identify(layers, acts, "linear_cka", "mean")
+    assert linear_top1 >= 0.6 and linear_top2 >= 0.85, (linear_top1, linear_top2)
+    cca_top1, _, _ = identify(layers, acts, "cca", "mean")
+    assert min(top1, linear_top1) >= cca_top1 + 0.4, (top1, linear_top1, cca_top1)
 
 
 @pytest.mark.slow
