@@ -2,7 +2,8 @@
 
 For a fixed set of cells (every cell of one ordered pair of small ResNets), it trains and evaluates the cells
 as a `Study` does, once with (a) the paper's recipe from random initialisation, then with each candidate (b):
-the default recipe (least-squares start, best epoch on held-out data) for fewer epochs, with the options the
+the default recipe (least-squares start, best epoch on held-out data) for each candidate number of epochs,
+learning rate and ``patience`` (each stitch stops once its held-out accuracy stalls), with the options the
 GPU path uses (``share_suffix``, bf16 autocast, channels-last) where asked. A candidate *matches* when every
 cell is at most 1 point below (a) and the mean at most 0.5 below; the report names the fastest match and its
 time as a fraction of (a)'s. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per
@@ -11,7 +12,8 @@ setting.
 Usage::
 
     python benchmarks/bench_study.py [--device cpu|cuda|auto] [--json PATH] [--data digits|cifar10]
-        [--data-root DIR] [--limit N] [--width W] [--pair R1111,R1211] [--epochs 0.5,1,2] [--threads N]
+        [--data-root DIR] [--limit N] [--pair R1111,R1211] [--epochs 0.5,1,2] [--lrs 0.01,0.05]
+        [--patience 1,2] [--share-suffix] [--fast-options] [--threads N]
 
 On digits the networks are the quick preset's zoo (trained once into ``--out``); on CIFAR-10 the
 ``cifar-small`` preset's. ``--fast-options`` adds share_suffix, bf16 and channels-last to every candidate.
@@ -20,8 +22,10 @@ On digits the networks are the quick preset's zoo (trained once into ``--out``);
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ def run_setting(
 ) -> dict[str, Any]:  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    shutil.rmtree(out / name, ignore_errors=True)  # a fresh study: a resumed one would take no time
     start = time.perf_counter()
     study = ms.Study(
         nets, train_data=train, test_data=test, out=out / name, pairs=[pair], recipe=recipe, device=device,
@@ -72,7 +77,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pair", default="R1111,R1211")
     parser.add_argument("--layers", help="comma-separated layers of both networks (default: all)")
     parser.add_argument("--epochs", default="0.5,1,2", help="candidate epochs for (b)")
+    parser.add_argument("--lrs", help="candidate learning rates for (b) (default: the preset recipe's)")
+    parser.add_argument(
+        "--patience", help="candidate Recipe(patience=...) values for (b), e.g. none,1,2 (default: none)"
+    )
     parser.add_argument("--fast-options", action="store_true", help="share_suffix, bf16 autocast, channels-last")
+    parser.add_argument("--share-suffix", action="store_true", help="share_suffix alone")
     parser.add_argument("--out", default="runs/bench-study")
     parser.add_argument("--json")
     parser.add_argument("--threads", type=int)
@@ -97,12 +107,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paper = ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4)
     layers = {"layers": dict.fromkeys(pair, args.layers.split(","))} if args.layers else {}
     results = [run_setting("a-paper", nets, pair, train, test, paper, out, device, **layers)]
-    fast = {"share_suffix": True, **layers} if args.fast_options else layers
-    for epochs in (float(e) for e in args.epochs.split(",")):
-        recipe = preset.recipe.replace(epochs=epochs)
+    fast = {"share_suffix": True, **layers} if args.fast_options or args.share_suffix else layers
+    lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [preset.recipe.lr]
+    patiences = [None if p == "none" else int(p) for p in args.patience.split(",")] if args.patience else [None]
+    epoch_list = [float(e) for e in args.epochs.split(",")]
+    for lr, epochs, patience in itertools.product(lrs, epoch_list, patiences):
+        recipe = preset.recipe.replace(epochs=epochs, lr=lr, patience=patience)
         if args.fast_options:
             recipe = recipe.replace(amp=True, channels_last=True)
-        results.append(run_setting(f"b-default-{epochs}ep", nets, pair, train, test, recipe, out, device, **fast))
+        name = f"b-default-{epochs}ep" + (f"-lr{lr:g}" if args.lrs else "")
+        name += f"-patience{patience}" if patience is not None else ""
+        results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
     base = np.array(results[0]["accuracy"])
     for r in results[1:]:
         acc = np.array(r["accuracy"])

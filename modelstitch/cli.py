@@ -120,6 +120,7 @@ def _study_run(args: argparse.Namespace) -> int:
         width=args.width,
         batch_size=args.batch_size,
         init=args.init,
+        patience=args.patience,
         paper_recipe=args.paper_recipe,
         precision=args.precision,
         memory_budget=None if args.memory_budget is None else int(args.memory_budget * 1024**3),
@@ -319,6 +320,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--width", type=int, help="override the networks' width (channels of the first stage)")
     run.add_argument("--batch-size", type=int, help="override the stitch batch size (the learning rate scales)")
     run.add_argument("--init", choices=["random", "identity", "lstsq"], help="override the stitch initialisation")
+    run.add_argument(
+        "--patience",
+        type=int,
+        help="stop each stitch once its held-out accuracy has not improved for N epochs (default: all epochs)",
+    )
     run.add_argument(
         "--paper-recipe",
         action="store_true",

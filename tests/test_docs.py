@@ -34,4 +34,3 @@ def test_python_blocks_run_as_written(page, tmp_path):
             timeout=600,
         )
         assert result.returncode == 0, f"{page} block {i} failed:\n{code}\n{result.stderr[-3000:]}"
-

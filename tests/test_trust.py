@@ -177,3 +177,43 @@ def test_a_users_own_adamw_loop_changes_the_stitch_and_nothing_else():
         optimizer.step()
     assert same_state(a, snapshots[0]) and same_state(b, snapshots[1])
     assert any(not torch.equal(v, stitch_before[k]) for k, v in stitched.stitch.state_dict().items())
+
+
+def test_patience_stops_stalled_stitches_without_changing_the_others():
+    """A stitch stopped by `Recipe(patience=1)` followed the same trajectory up to its stop as without patience,
+    keeps the epoch of its last improvement, and took fewer steps; the pass ends when every stitch has stopped."""
+    torch.manual_seed(0)
+    net = zoo.small_resnet("R1111", width=4).eval()
+    example = torch.randn(2, 3, 32, 32)
+    layers = ["stem", "layer1.0", "layer2.0", "layer3.0"]
+    train = data.subset(data.digits(), 200)
+
+    def run(patience):
+        torch.manual_seed(1)  # the same random stitches both times
+        models = [ms.stitch(net, layer, net, layer, example_input=example) for layer in layers]
+        recipe = ms.Recipe(epochs=8, batch_size=32, lr=0.5, patience=patience)
+        return ms.train.train_stitches(models, train, recipe=recipe, device="cpu", progress=False, cache=True)
+
+    full, stopped = run(None), run(1)
+    steps_per_epoch = full[0].steps // 8
+    assert any(len(r.epoch_losses) < 8 for r in stopped)  # some stitch stalled
+    for alone, early in zip(full, stopped):
+        trained = len(early.epoch_losses)
+        np.testing.assert_allclose(early.epoch_losses, alone.epoch_losses[:trained], rtol=1e-5)
+        assert early.steps == min(full[0].steps, trained * steps_per_epoch)
+        if trained < 8:
+            assert early.selected_epoch == trained - 1  # its last improvement, one epoch (the patience) before
+        assert early.holdout_accuracy is not None
+
+
+def test_patience_without_held_out_data_warns():
+    torch.manual_seed(0)
+    net = zoo.small_resnet("R1111", width=4).eval()
+    stitched = ms.stitch(net, "layer2.0", net, "layer2.0", example_input=torch.randn(2, 3, 32, 32))
+    with pytest.warns(ms.StitchWarning, match="patience=2"):
+        ms.train_stitch(
+            stitched, data.subset(data.digits(), 64), recipe=ms.Recipe(epochs=1, batch_size=32, holdout=0, patience=2),
+            device="cpu", progress=False,
+        )  # fmt: skip
+    with pytest.raises(ms.StitchError, match="patience"):
+        ms.Recipe(patience=0)

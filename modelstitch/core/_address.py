@@ -62,7 +62,6 @@ def list_layers(model: nn.Module) -> list[str]:
     return [INPUT] + [name for name, _ in model.named_modules() if name]
 
 
-
 def parse_address(model: nn.Module, layer: str) -> Address:
     """Validate ``layer`` against ``model`` and split off a ``":k"`` call index.
 

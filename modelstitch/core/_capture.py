@@ -268,4 +268,3 @@ class _Recorder:
         self.pending.discard(key)
         if self.stop and not self.pending:
             raise _StopForward(self)
-

@@ -138,7 +138,6 @@ def call_model_capturing_input(model: nn.Module, inputs: Any) -> torch.Tensor:
     return first
 
 
-
 def match_dtype(inputs: Any, model: nn.Module) -> Any:
     """Cast floating-point tensors in ``inputs`` (a tensor, tuple or dict) to ``model``'s parameter dtype.
 

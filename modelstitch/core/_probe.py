@@ -90,4 +90,3 @@ def layer_specs(
             raise missing_call_error(address, count)
         raise StitchError(f"layer {key!r} did not produce a tensor when {type(model).__name__} ran")
     return [s for s in specs if s.name in wanted]
-

@@ -359,4 +359,3 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for item in obj for t in _tensors(item)]
     return []
-

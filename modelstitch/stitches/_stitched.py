@@ -344,4 +344,3 @@ def _single_call(spec: ActivationSpec) -> str:
     if spec.name == "input" or ":" in spec.name:
         return spec.name
     return f"{spec.name}:0"
-

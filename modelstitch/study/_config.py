@@ -189,4 +189,3 @@ def _load_network(name: str, spec: Mapping[str, Any], path: Path) -> nn.Module:
             raise StitchError(f"{path}: [networks.{name}] timm = {spec['timm']!r} is not a timm model name")
         return timm.create_model(spec["timm"], num_classes=num_classes, pretrained=False).eval()
     raise StitchError(f"{path}: [networks.{name}] needs one of zoo = ..., file = ..., torchvision = ..., timm = ...")
-

@@ -209,6 +209,8 @@ class PresetOptions:
         batch_size: override the stitch recipe's batch size (the learning
             rate scales with it).
         init: override the stitch initialisation (``"random"``, ``"lstsq"``...).
+        patience: stop each stitch once its held-out score has not improved for
+            this many epochs (`Recipe.patience`).
         paper_recipe: train stitches with the paper's exact recipe
             (`Recipe.paper`: random init, the last epoch kept) at the preset's
             learning rate, batch size and epochs.
@@ -228,6 +230,7 @@ class PresetOptions:
     width: int | None = None
     batch_size: int | None = None
     init: str | None = None
+    patience: int | None = None
     paper_recipe: bool = False
     precision: str | None = None
     memory_budget: int | None = None
@@ -317,6 +320,8 @@ def build_preset_study(
         recipe = recipe.replace(init="random", holdout=0.0)
     if options.init is not None:
         recipe = recipe.replace(init=options.init)
+    if options.patience is not None:
+        recipe = recipe.replace(patience=options.patience)
     if options.batch_size is not None:
         recipe = recipe.replace(batch_size=options.batch_size)
     trained = [n for n in models if n not in controls.values()]

@@ -540,9 +540,7 @@ class Study:
             built.append((cell, stitched))
         return built
 
-    def _run_pair(
-        self, a: str, b: str
-    ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    def _run_pair(self, a: str, b: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[dict[str, Any]]]:
         measures = self._measure_pair(a, b)
         if "stitch" not in self.measures:
             return [], {}, measures

@@ -35,6 +35,7 @@ def optimise(
     describe: Callable[[int], str] = lambda i: f"model {i}",
     on_epoch: Callable[[int], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    active: Callable[[], Sequence[bool]] | None = None,
 ) -> list[list[float]]:
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
 
@@ -55,6 +56,9 @@ def optimise(
         on_epoch: called with the epoch number (1, 2, ...) after each epoch,
             the last (maybe partial) one included; e.g. to evaluate and keep
             the best state.
+        active: returns, before each step, which parameter sets still train;
+            the others are neither stepped nor given more epoch losses, and
+            the loop ends early once none is left (``None``: all train).
         on_step: called with ``(steps done, total_steps)`` after every step,
             e.g. to move an outer progress bar.
 
@@ -72,9 +76,12 @@ def optimise(
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and recipe.amp_dtype == "float16")
     epoch_losses: list[list[float]] = [[] for _ in optimizers]
     sums = torch.zeros(len(optimizers), dtype=torch.float64)
-    count = 0
+    count = epoch = 0
     with tqdm(total=total_steps, desc="train", unit="step", disable=not progress, leave=False) as bar:
         for step in range(total_steps):
+            training = list(active()) if active is not None else [True] * len(optimizers)
+            if not any(training):
+                break
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             losses = torch.zeros(len(optimizers), dtype=torch.float32, device=device)
@@ -89,7 +96,9 @@ def optimise(
                     f"the loss became {values[bad].item()} at step {step + 1} of {total_steps} for "
                     f"{describe(bad)}; lower the learning rate, set Recipe(grad_clip=...), or check the data"
                 )
-            for params, opt, scheduler in zip(clipped, optimizers, schedulers):
+            for params, opt, scheduler, trains in zip(clipped, optimizers, schedulers, training):
+                if not trains:
+                    continue
                 if recipe.grad_clip is not None:
                     scaler.unscale_(opt)
                     nn.utils.clip_grad_norm_(params, recipe.grad_clip)
@@ -100,11 +109,13 @@ def optimise(
             count += 1
             if count == steps_per_epoch or step == total_steps - 1:
                 for i, value in enumerate((sums / count).tolist()):
-                    epoch_losses[i].append(value)
+                    if training[i]:
+                        epoch_losses[i].append(value)
                 sums.zero_()
                 count = 0
+                epoch += 1
                 if on_epoch is not None:
-                    on_epoch(len(epoch_losses[0]))
+                    on_epoch(epoch)
             bar.update(1)
             if on_step is not None:
                 on_step(step + 1, total_steps)

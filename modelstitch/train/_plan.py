@@ -80,12 +80,23 @@ class Plan:
         return out
 
     def group_losses(
-        self, reps: dict[str, torch.Tensor], x: Any, y: torch.Tensor | None, amp: torch.autocast
+        self,
+        reps: dict[str, torch.Tensor],
+        x: Any,
+        y: torch.Tensor | None,
+        amp: torch.autocast,
+        active: Sequence[bool] | None = None,
     ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        """Scalar losses, one suffix group at a time (so each group's graph can be freed before the next)."""
+        """Scalar losses, one suffix group at a time (so each group's graph can be freed before the next).
+
+        Models whose ``active`` entry is false are left out (their suffix does not run).
+        """
         if self.objective == "task" and y is None:
             raise StitchError("the 'task' objective needs labels: the data yields inputs only")
-        for group in self.suffix_groups:
+        for full_group in self.suffix_groups:
+            group = full_group if active is None else [i for i in full_group if active[i]]
+            if not group:
+                continue
             with amp, self.models[group[0]].errors_named():
                 outs = [self.models[i].adapt(reps[self.provided_keys[i]]) for i in group]
                 if self.objective == "mse":
@@ -121,4 +132,3 @@ def _repeat(x: Any, times: int) -> Any:
     if isinstance(x, torch.Tensor):
         return torch.cat([x] * times)
     raise StitchError("models trained together through a hooked suffix need a plain tensor input")
-

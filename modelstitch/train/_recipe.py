@@ -57,6 +57,11 @@ class Recipe:
             random split) to choose the epoch to keep: the held-out accuracy
             is measured before training and after each epoch, and the best
             state is restored at the end. ``0`` keeps the last state.
+        patience: with held-out selection, stop training a stitch once its
+            held-out score has not improved for this many epochs in a row
+            (stitches trained together stop one by one; the pass ends when
+            none is left). ``None`` (default) trains every stitch for all
+            ``epochs``. Time to accuracy on the performance page.
 
     Examples:
         >>> Recipe()
@@ -79,6 +84,7 @@ class Recipe:
     grad_clip: float | None = None
     init: str = "lstsq"
     holdout: float = 0.15
+    patience: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +101,7 @@ class Recipe:
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be None or > 0"),
             (self.init in ("lstsq", "random", "identity"), "init must be 'lstsq', 'random' or 'identity'"),
             (0 <= self.holdout < 1, "holdout is a fraction of the training data, in [0, 1)"),
+            (self.patience is None or self.patience >= 1, "patience must be None or a number of epochs >= 1"),
         ]
         for ok, message in checks:
             if not ok:

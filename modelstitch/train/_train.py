@@ -221,10 +221,6 @@ def train_stitches(
                 stacklevel=3,
             )
 
-        def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-            reps, x, y = next(batches)
-            return plan.group_losses(reps, x, y, recipe.autocast(dev))
-
         stitches = [m.stitch for m in models]
         select = None
         if holdout is not None:
@@ -239,6 +235,19 @@ def train_stitches(
                 num_workers=num_workers,
             )
             select(0)
+        elif recipe.patience is not None:
+            warnings.warn(
+                f"Recipe(patience={recipe.patience}) stops a stitch by its held-out score, but there is no held-out "
+                "data (Recipe(holdout=0), or the 'mse' objective): every stitch trains for all epochs",
+                StitchWarning,
+                stacklevel=3,
+            )
+        active = select.active if select is not None else None
+
+        def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+            reps, x, y = next(batches)
+            return plan.group_losses(reps, x, y, recipe.autocast(dev), None if active is None else active())
+
         for s in stitches:
             s.train()
         try:
@@ -253,6 +262,7 @@ def train_stitches(
                 describe=lambda i: f"the cell {models[i].cell}",
                 on_epoch=select,
                 on_step=on_step,
+                active=active,
             )
         finally:  # trained stitches are left in eval mode
             for s in stitches:
@@ -262,11 +272,10 @@ def train_stitches(
     seconds = time.perf_counter() - start
     if select is None:
         return [TrainResult(epoch_losses, total, seconds, objective) for epoch_losses in losses]
-    return [
-        TrainResult(epoch_losses, total, seconds, objective, epoch, accuracy)
-        for epoch_losses, epoch, (accuracy, _) in zip(losses, select.epochs, select.best)
+    return [  # a stitch stopped by recipe.patience took fewer steps
+        TrainResult(epoch_losses, min(total, trained * steps_per_epoch), seconds, objective, epoch, accuracy)
+        for epoch_losses, trained, epoch, (accuracy, _) in zip(losses, select.trained, select.epochs, select.best)
     ]
-
 
 
 @contextlib.contextmanager
@@ -318,12 +327,9 @@ def _cached_batches(plan: Plan, store: ActivationCache, recipe: Recipe) -> Itera
             yield reps, x, y
 
 
-
 def _live_batches(plan: Plan, loader: Iterable, dev: torch.device, batch_fn: BatchFn | None, recipe: Recipe):
     while True:
         for x, y in iterate_batches(loader, dev, batch_fn, channels_last=recipe.channels_last):
             with recipe.autocast(dev):
                 reps = plan.frozen_outputs(x)
             yield reps, x, y
-
-
