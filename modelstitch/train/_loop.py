@@ -35,7 +35,7 @@ def optimise(
     describe: Callable[[int], str] = lambda i: f"model {i}",
     on_epoch: Callable[[int], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
-    active: Callable[[], Sequence[bool]] | None = None,
+    active: Sequence[bool] | None = None,
 ) -> list[list[float]]:
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
 
@@ -56,9 +56,10 @@ def optimise(
         on_epoch: called with the epoch number (1, 2, ...) after each epoch,
             the last (maybe partial) one included; e.g. to evaluate and keep
             the best state.
-        active: returns, before each step, which parameter sets still train;
-            the others are neither stepped nor given more epoch losses, and
-            the loop ends early once none is left (``None``: all train).
+        active: which parameter sets still train, read before each step (the
+            caller may change it, e.g. in ``on_epoch``); the others are
+            neither stepped nor given more epoch losses, and the loop ends
+            early once none is left (``None``: all train).
         on_step: called with ``(steps done, total_steps)`` after every step,
             e.g. to move an outer progress bar.
 
@@ -79,7 +80,7 @@ def optimise(
     count = epoch = 0
     with tqdm(total=total_steps, desc="train", unit="step", disable=not progress, leave=False) as bar:
         for step in range(total_steps):
-            training = list(active()) if active is not None else [True] * len(optimizers)
+            training = list(active) if active is not None else [True] * len(optimizers)
             if not any(training):
                 break
             for opt in optimizers:

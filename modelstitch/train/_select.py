@@ -77,7 +77,7 @@ class BestEpoch:
     training can never make the kept stitch worse on the held-out data. Ties
     go to the lower held-out loss, then to the earlier epoch. With
     ``recipe.patience``, a stitch whose score has not improved for that many
-    evaluations in a row is no longer `active` (and is no longer evaluated).
+    evaluations in a row is no longer ``active`` (and is no longer evaluated).
     Extra keywords (``loss_fn``, ``batch_fn``, ``num_workers``) go to
     `evaluate_stitches`.
     """
@@ -97,12 +97,11 @@ class BestEpoch:
         self.best: list[tuple[float, float]] = [(-math.inf, -math.inf)] * len(self.models)
         self.epochs = [0] * len(self.models)
         self.states: list[dict[str, torch.Tensor] | None] = [None] * len(self.models)
-        self.trained = [0] * len(self.models)  # epochs each stitch has trained
-        self._active = [True] * len(self.models)
+        self.active = [True] * len(self.models)  # which stitches still train (all, without recipe.patience)
 
     def __call__(self, epoch: int) -> None:
         """Evaluate the active stitches on the held-out data; remember the states that improved."""
-        indices = [i for i, on in enumerate(self._active) if on]
+        indices = [i for i, on in enumerate(self.active) if on]
         results = evaluate_stitches(
             [self.models[i] for i in indices],
             self.held,
@@ -111,19 +110,14 @@ class BestEpoch:
             recipe=self.recipe,
             **self.options,
         )
+        patience = self.recipe.patience
         for i, result in zip(indices, results):
-            self.trained[i] = epoch
             score = (result["accuracy"], -result["loss"])
             if score > self.best[i]:
                 self.best[i], self.epochs[i] = score, epoch
                 self.states[i] = {k: v.detach().clone() for k, v in self.models[i].stitch.state_dict().items()}
-            patience = self.recipe.patience
             if patience is not None and epoch - self.epochs[i] >= patience:
-                self._active[i] = False
-
-    def active(self) -> list[bool]:
-        """Which stitches still train (all, without ``recipe.patience``)."""
-        return list(self._active)
+                self.active[i] = False
 
     def restore(self) -> None:
         """Load each stitch's best state back."""

@@ -246,7 +246,7 @@ def train_stitches(
 
         def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
             reps, x, y = next(batches)
-            return plan.group_losses(reps, x, y, recipe.autocast(dev), None if active is None else active())
+            return plan.group_losses(reps, x, y, recipe.autocast(dev), active)
 
         for s in stitches:
             s.train()
@@ -272,9 +272,9 @@ def train_stitches(
     seconds = time.perf_counter() - start
     if select is None:
         return [TrainResult(epoch_losses, total, seconds, objective) for epoch_losses in losses]
-    return [  # a stitch stopped by recipe.patience took fewer steps
-        TrainResult(epoch_losses, min(total, trained * steps_per_epoch), seconds, objective, epoch, accuracy)
-        for epoch_losses, trained, epoch, (accuracy, _) in zip(losses, select.trained, select.epochs, select.best)
+    return [  # a stitch stopped by recipe.patience has fewer epochs, so took fewer steps
+        TrainResult(epoch_losses, min(total, len(epoch_losses) * steps_per_epoch), seconds, objective, epoch, accuracy)
+        for epoch_losses, epoch, (accuracy, _) in zip(losses, select.epochs, select.best)
     ]
 
 
