@@ -14,7 +14,7 @@ import torch
 
 import modelstitch as ms
 from modelstitch import data, zoo
-from modelstitch.core import folder_lock
+from modelstitch.core import atomic_path, folder_lock
 from modelstitch.study import ResultStore
 
 LAYERS = ["stem", "layer4.0"]
@@ -87,7 +87,7 @@ def test_a_pair_commits_its_weights_file_and_rows_together(finished):
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from modelstitch.core import folder_lock
+    from modelstitch.core import atomic_path, folder_lock
     with folder_lock(sys.argv[1]):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))
@@ -108,6 +108,35 @@ def test_a_second_process_in_the_folder_is_refused_or_waits(tmp_path):
         holder.wait(timeout=60)
     with folder_lock(tmp_path), folder_lock(tmp_path):  # nested use in one process is fine
         pass
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from modelstitch.core import atomic_path
+    with atomic_path(sys.argv[1]) as tmp:
+        tmp.write_text("half of a new file")
+        print(tmp.name, flush=True)
+        time.sleep(60)  # killed here, between writing and renaming
+    """
+)
+
+
+def test_taking_the_lock_removes_files_of_writers_killed_mid_write(tmp_path):
+    target = tmp_path / "plots" / "heatmaps.svg"
+    target.parent.mkdir()
+    target.write_text("the previous file")
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    orphan = target.with_name(writer.stdout.readline().strip())
+    writer.kill()
+    writer.wait()
+    with atomic_path(tmp_path / "live.csv") as live:  # this process's own write, still open
+        live.write_text("in progress")
+        with folder_lock(tmp_path):
+            assert not orphan.exists()  # the dead writer's temporary file is gone
+            assert live.exists()  # a running writer's is kept
+    assert target.read_text() == "the previous file"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [".lock", "heatmaps.svg", "live.csv"]
 
 
 def test_a_store_from_another_version_is_refused(tmp_path):

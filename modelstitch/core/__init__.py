@@ -13,7 +13,7 @@ from ._batches import BatchFn, as_loader, is_batch_list, iterate_batches, loader
 from ._capture import Activations, activations, capture
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._device import resolve_device
-from ._files import atomic_path, write_text
+from ._files import atomic_path, remove_orphans, write_text
 from ._fingerprint import fingerprint_data, fingerprint_module
 from ._freeze import frozen
 from ._lock import folder_lock
@@ -61,6 +61,7 @@ __all__ = [
     "missing_call_error",
     "parse_address",
     "prefix",
+    "remove_orphans",
     "repeated_call_error",
     "replace_output",
     "resolve_device",

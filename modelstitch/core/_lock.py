@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .._errors import StitchError
+from ._files import remove_orphans
 
 __all__ = ["folder_lock"]
 
@@ -22,8 +23,9 @@ def folder_lock(folder: str | os.PathLike[str], *, wait: bool = False) -> Iterat
 
     The lock is ``fcntl.flock`` on ``<folder>/.lock``: the operating system
     releases it when the process ends, however it ends (``kill -9`` included),
-    so a crashed run never leaves a stale lock. On platforms without ``fcntl``
-    the block runs unlocked.
+    so a crashed run never leaves a stale lock. Taking the lock also deletes
+    the temporary files that writers killed mid-write left in the folder
+    (`remove_orphans`). On platforms without ``fcntl`` the block runs unlocked.
 
     Args:
         folder: the run folder (created if missing).
@@ -75,6 +77,7 @@ def folder_lock(folder: str | os.PathLike[str], *, wait: bool = False) -> Iterat
         with _guard:
             _held[path] = 1
         try:
+            remove_orphans(path)
             yield
         finally:
             with _guard:
