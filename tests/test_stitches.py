@@ -443,3 +443,29 @@ def test_property_invalid_pairs_raise(case) -> None:
 def test_grid_error_when_default_prefix_is_overridden() -> None:
     assert math.isqrt(196) == 14
     _assert_error(VIT, (256, 8, 8), num_prefix_tokens=2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp", "bn"])
+@pytest.mark.parametrize(
+    ("provided", "expected", "factor", "c_in"),
+    [((8, 2, 2), (4, 8, 8), 4, 8), ((4, 3, 3), (8, 6, 6), 2, 4), ((50, 8), (4, 14, 14), 2, 8)],  # tokens: 7x7 grid
+)
+def test_upsampling_after_the_core_is_the_same_function(kind, provided, expected, factor, c_in) -> None:
+    """A pointwise core runs before the nearest upsampling when that upsamples fewer channels; nothing else changes."""
+    torch.manual_seed(0)
+    stitch = make_stitch(provided, expected, kind=kind, **({"rank": 2} if kind == "lowrank" else {}))
+    assert _pre_names(stitch)[-1] == "Upsample" and stitch.upsample == factor
+    assert stitch.upsample_after_core == (kind != "bn" and expected[0] <= c_in)
+    x = torch.randn(6, *provided)
+    for train in (True, False):
+        stitch.train(train)
+        late = stitch(x)
+        stitch.zero_grad()
+        late.square().sum().backward()
+        grads = [p.grad.clone() for p in stitch.parameters()]
+        stitch.zero_grad()
+        early = stitch.post(stitch.core(stitch.pre(x)))  # the declared order: pre, core, post
+        early.square().sum().backward()
+        torch.testing.assert_close(late, early, rtol=1e-5, atol=1e-6)
+        for g, p in zip(grads, stitch.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)

@@ -435,6 +435,26 @@ def test_least_squares_recovers_an_exact_linear_map(provided, expected, truth):
         torch.testing.assert_close(stitch(xs[0]), true(xs[0]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("expected", [(5, 6, 6), (37, 5)], ids=["map", "tokens"])
+def test_least_squares_after_an_upsampling_equals_the_fit_on_upsampled_rows(expected):
+    """Fitted on pre-upsampling pixels and pooled targets, the solution is the one on all upsampled rows."""
+    torch.manual_seed(0)
+    stitch = ms.make_stitch((4, 3, 3), expected)
+    assert isinstance(stitch.pre, nn.Upsample)  # a 3x3 map into a 6x6 one: nearest upsampling by 2
+    fit = ms.stitches.LeastSquares(stitch)
+    xs, ys = [torch.randn(8, 4, 3, 3) for _ in range(2)], [torch.randn(8, *expected) for _ in range(2)]
+    for x, y in zip(xs, ys):
+        fit.update(x, y)  # targets no linear map reaches: the fit is a true least-squares compromise
+    fit.solve(ridge=0.0)
+    up = torch.cat([F.interpolate(x, scale_factor=2, mode="nearest") for x in xs]).double()
+    rows = torch.cat([up.flatten(2).transpose(1, 2).reshape(-1, 4), torch.ones(len(up) * 36, 1).double()], 1)
+    targets = torch.cat([stitch.invert_post(y) for y in ys]).double().flatten(2).transpose(1, 2).reshape(-1, 5)
+    reference = torch.linalg.lstsq(rows, targets).solution
+    assert fit.rows == len(rows) == 16 * 36
+    torch.testing.assert_close(stitch.linear.weight.reshape(5, 4).double(), reference[:4].T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stitch.linear.bias.double(), reference[4], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("downsample", [False, True])
 def test_lstsq_init_recovers_the_receivers_own_layer(downsample):
     """The receiver's layer is exactly a linear map of the sender's: ``stitch(init="lstsq")`` must find it."""

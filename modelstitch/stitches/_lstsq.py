@@ -54,13 +54,26 @@ class LeastSquares:
         self.rows = 0
 
     def design(self, provided: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of inputs ``[R, d_in]`` and targets ``[R, d_out]`` for the core's linear layer."""
+        """Rows of inputs ``[R, d_in]`` and targets ``[R, d_out]`` for the core's linear layer.
+
+        A 1x1 conv core after a nearest upsampling by ``f`` sees each input
+        pixel ``f x f`` times; its rows here are the pixels before the
+        upsampling, with targets average-pooled over each ``f x f`` block. That
+        gives the same normal equations divided by ``f²`` (`update` multiplies
+        them back), for ``f²`` times fewer rows.
+        """
+        f = self.stitch.upsample
         with torch.no_grad():
-            x = self.stitch.pre(provided)
+            x = self.stitch.before_upsample(provided)
             y = self.stitch.invert_post(expected)
+            if f > 1:
+                y = F.avg_pool2d(y, f)
         if isinstance(self.layer, nn.Conv2d):
             k = self.stitch.kernel
-            x = F.unfold(x, kernel_size=k, stride=k).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
+            if k > 1:
+                x = F.unfold(x, kernel_size=k, stride=k).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
+            else:  # one row per pixel; unfold would only copy
+                x = x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
             y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
         else:
             x = x.reshape(-1, x.shape[-1])
@@ -72,12 +85,13 @@ class LeastSquares:
     def update(self, provided: torch.Tensor, expected: torch.Tensor) -> None:
         """Add a batch: ``provided`` ``[B, *stitch.provided]``, ``expected`` ``[B, *stitch.expected]``."""
         x, y = self.design(provided, expected)
+        repeats = self.stitch.upsample**2  # each row of an upsampled input stands for f² rows
         if self.xtx is None:
             self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             self.xty = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
-        self.rows += x.shape[0]
+        self.xtx.addmm_(x.T, x, alpha=repeats)
+        self.xty.addmm_(x.T, y, alpha=repeats)
+        self.rows += x.shape[0] * repeats
 
     def solve(self, ridge: float = 1e-4) -> None:
         """Solve the ridge system and write the weights into the stitch's linear layer.

@@ -147,6 +147,10 @@ class Stitch(nn.Module):
         kind: ``"linear"``, ``"bn"``, ``"lowrank"`` or ``"mlp"``.
         core_layout: ``"map"``, ``"tokens"`` or ``"vector"``.
         kernel: kernel size (= stride) of the core's first conv; 1 unless it downsamples.
+        upsample: the factor of the nearest upsampling that ends ``pre``; 1 if none.
+        upsample_after_core: run the core before that upsampling (the same
+            function for a pointwise core, cheaper when it does not add
+            channels); `make_stitch` sets it.
     """
 
     def __init__(
@@ -160,17 +164,50 @@ class Stitch(nn.Module):
         kind: str,
         core_layout: CoreLayout,
         kernel: int = 1,
+        upsample_after_core: bool = False,
     ) -> None:
         super().__init__()
         self.pre, self.core, self.post = pre, core, post
         self.provided, self.expected = tuple(provided), tuple(expected)
         self.kind, self.core_layout, self.kernel = kind, core_layout, kernel
+        modules = list(pre) if isinstance(pre, nn.Sequential) else [pre]
+        last = modules[-1] if modules else None
+        factor = getattr(last, "scale_factor", None)
+        self.upsample = (
+            int(factor)
+            if isinstance(last, nn.Upsample)
+            and last.mode == "nearest"
+            and isinstance(factor, (int, float))
+            and float(factor).is_integer()
+            else 1
+        )
+        self._early = tuple(modules[:-1]) if self.upsample > 1 else ()  # a tuple: not registered as children
+        if upsample_after_core and self.upsample == 1:
+            raise StitchError("upsample_after_core=True needs a pre that ends with a nearest upsampling")
+        self.upsample_after_core = upsample_after_core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[B, *provided]`` to ``[B, *expected]``."""
         if tuple(x.shape[1:]) != self.provided:
             raise StitchError(f"stitch {self.provided} -> {self.expected} got input of shape {tuple(x.shape)}")
+        if self.upsample_after_core:  # the same function: nearest upsampling commutes with a pointwise core
+            return self.post(_nearest(self.core(self.before_upsample(x)), self.upsample))
         return self.post(self.core(self.pre(x)))
+
+    def before_upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """``pre`` up to its final nearest upsampling (all of ``pre`` when it has none).
+
+        Args:
+            x: ``[B, *provided]``.
+
+        Returns:
+            ``[B, C, H / upsample, W / upsample]`` for an upsampling ``pre``.
+        """
+        if self.upsample == 1:
+            return self.pre(x)
+        for module in self._early:
+            x = module(x)
+        return x
 
     @property
     def linear(self) -> nn.Linear | nn.Conv2d | None:
@@ -192,10 +229,15 @@ class Stitch(nn.Module):
         return y
 
     def extra_repr(self) -> str:
+        late = ", upsample_after_core=True" if self.upsample_after_core else ""
         return (
             f"{self.provided} -> {self.expected}, kind={self.kind!r}, "
-            f"core_layout={self.core_layout!r}, kernel={self.kernel}"
+            f"core_layout={self.core_layout!r}, kernel={self.kernel}{late}"
         )
+
+
+def _nearest(z: torch.Tensor, factor: int) -> torch.Tensor:
+    return F.interpolate(z, scale_factor=factor, mode="nearest")
 
 
 def _spatial(hw: tuple[int, int], hw_out: tuple[int, int]) -> tuple[list[nn.Module], int]:
@@ -404,4 +446,10 @@ def make_stitch(
             idx = torch.arange(c_in)
             core.weight[idx, idx] = 1.0 / (k * k)
     pre_module = nn.Identity() if not pre else pre[0] if len(pre) == 1 else nn.Sequential(*pre)
-    return Stitch(pre_module, core, post, provided=src, expected=dst, kind=kind, core_layout=layout, kernel=k)
+    # a nearest upsampling commutes with a pointwise core (1x1 convs, ReLU; not BatchNorm, whose running
+    # statistics count pixels): run it after the core when that upsamples fewer channels
+    late = bool(pre) and isinstance(pre[-1], nn.Upsample) and kind != "bn" and c_out <= c_in
+    return Stitch(
+        pre_module, core, post, provided=src, expected=dst, kind=kind, core_layout=layout, kernel=k,
+        upsample_after_core=late,
+    )  # fmt: skip

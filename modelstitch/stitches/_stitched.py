@@ -248,7 +248,7 @@ def stitch(
         torch.Size([5, 10])
         >>> s.stitch
         Stitch(
-          (16, 4, 4) -> (4, 8, 8), kind='linear', core_layout='map', kernel=1
+          (16, 4, 4) -> (4, 8, 8), kind='linear', core_layout='map', kernel=1, upsample_after_core=True
           (pre): Upsample(scale_factor=2.0, mode='nearest')
           (core): Conv2d(16, 4, kernel_size=(1, 1), stride=(1, 1))
           (post): Identity()
