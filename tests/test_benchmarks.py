@@ -90,3 +90,15 @@ def test_layer_identification_writes_its_json(tmp_path, capsys):
     ]  # fmt: skip
     assert all(r["cases"] == 10 and 0 <= r["top1"] <= r["top2"] <= 1 for r in rows)
     assert "| 4 | cca | mean |" in capsys.readouterr().out
+
+
+def test_bench_memory_runs_each_point_in_its_own_process(tmp_path):
+    bench = _load("bench_memory")
+    argv = ["--device", "cpu", "--pairs", "2", "--layers", "1", "--limit", "64", "--epochs", "0.5"]
+    summary = bench.main([*argv, "--json", str(tmp_path / "memory.json")])
+    assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(json.dumps(summary))
+    pairs, layers = summary["results"]
+    assert (pairs["sweep"], pairs["cells"], layers["sweep"], layers["cells"]) == ("pairs", 72, "layers", 6)
+    for r in summary["results"]:
+        assert _positive_finite(r["setup_rss_mib"]) and r["peak_rss_mib"] >= r["setup_rss_mib"] * 0.9
+        assert r["peak_cuda_mib"] is None
