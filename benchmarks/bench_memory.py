@@ -42,10 +42,11 @@ from typing import Any
 
 import torch
 
+import modelstitch as ms
+
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
     """Run one study in this process and report its memory (the body of a sweep point)."""
-    import modelstitch as ms
     from modelstitch import zoo
     from modelstitch.study import PRESETS, load_dataset
 
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     summary = {"torch": torch.__version__, "results": results}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        ms.core.write_text(args.json, json.dumps(summary, indent=1))
     return summary
 
 

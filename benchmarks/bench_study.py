@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        ms.core.write_text(args.json, json.dumps(summary, indent=1))
     return summary
 
 

@@ -25,7 +25,6 @@ import functools
 import itertools
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,8 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          "top2": top2, "cases": cases, "seeds": args.seeds, "epochs": args.epochs})  # fmt: skip
             print(f"| {width} | {measure} | {rule} | {top1:.3f} | {top2:.3f} | {cases} |", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        ms.core.write_text(args.json, json.dumps(rows, indent=1))
     return rows
 
 

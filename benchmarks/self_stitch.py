@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("network accuracy:", {k: round(v, 3) for k, v in result["network_accuracy"].items()})
     print("seconds:", {k: round(v, 1) for k, v in result["seconds"].items()})
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        ms.core.write_text(args.json, json.dumps(result, indent=1))
     if args.figure and result["curves"]:
         figure(result, Path(args.figure))
     return result

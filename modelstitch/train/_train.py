@@ -215,7 +215,7 @@ def train_stitches(
             warnings.warn(
                 f"{len(models)} stitch(es) get only {total} optimiser steps ({steps_per_epoch} per epoch); below "
                 f"{MIN_STEPS} a stitch is far from trained (measured on the quick preset's R1111 -> R1211 with the "
-                "default recipe: the mean cell accuracy rose 2.5-3 points with each doubling up to 76 steps). "
+                "default recipe: the mean cell accuracy rose 2.4-5 points with each doubling up to 76 steps). "
                 "Use more epochs, a smaller batch or more data",
                 StitchWarning,
                 stacklevel=3,
