@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's check on a machine with a GPU, in about 8 minutes: the CUDA tests, the training and
-# time-to-accuracy benchmarks on CUDA, and a few hundred cells of the paper preset, with their JSON and a
+# The project's check on a machine with a GPU, in about 8 minutes: the CUDA tests, the training,
+# memory and time-to-accuracy benchmarks on CUDA, and a few hundred cells of the paper preset, with their JSON and a
 # heatmap under $OUT (default gpu-check/). Needs torch with CUDA in $PYTHON's environment (the script installs
 # the package itself without dependencies) and, for CIFAR-10, CIFAR10_DIR (an image-folder copy, train/ test/).
 #
@@ -25,6 +25,9 @@ timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda or gpu_path" tes
 
 step "one cell: library vs floor vs naive, on CUDA"
 timeout 150 "$PYTHON" benchmarks/bench_train.py --device cuda --json "$OUT/bench_train.json" | tail -8
+
+step "peak memory against the number of pairs, on CUDA"
+timeout 120 "$PYTHON" benchmarks/bench_memory.py --device cuda --pairs 1,4 --layers "" --json "$OUT/bench_memory.json" | tail -4
 
 if [ -n "${CIFAR10_DIR:-}" ]; then
   step "time to accuracy on CIFAR-10 (cifar-small networks, R1111 -> R1211)"
