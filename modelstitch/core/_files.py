@@ -77,8 +77,10 @@ def remove_orphans(folder: str | os.PathLike[str]) -> list[Path]:
     A writer killed between creating its temporary file and renaming it (``kill
     -9``, an out-of-memory kill, a power cut) leaves the file behind; the target
     itself is intact. A temporary file is an orphan when the process named in it
-    is no longer running, so files of live writers (another process plotting
-    into the same folder) are kept. POSIX only: elsewhere nothing is removed.
+    is no longer running on this machine, so files of live local writers
+    (another process plotting into the same folder) are kept; a folder shared
+    between machines should be written by one machine at a time. POSIX only:
+    elsewhere nothing is removed.
 
     Args:
         folder: searched with its subfolders; a missing folder has no orphans.
