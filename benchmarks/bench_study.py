@@ -13,7 +13,7 @@ Usage::
 
     python benchmarks/bench_study.py [--device cpu|cuda|auto] [--json PATH] [--data digits|cifar10]
         [--data-root DIR] [--limit N] [--pair R1111,R1211] [--epochs 0.5,1,2] [--lrs 0.01,0.05]
-        [--patience 1,2] [--share-suffix] [--fast-options] [--threads N]
+        [--patience 1,2] [--min-delta 0.01] [--share-suffix] [--fast-options] [--threads N]
 
 On digits the networks are the quick preset's zoo (trained once into ``--out``); on CIFAR-10 the
 ``cifar-small`` preset's. ``--fast-options`` adds share_suffix, bf16 and channels-last to every candidate.
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--patience", help="candidate Recipe(patience=...) values for (b), e.g. none,1,2 (default: none)"
     )
+    parser.add_argument("--min-delta", type=float, help="Recipe(min_delta=...) for the candidates with a patience")
     parser.add_argument("--fast-options", action="store_true", help="share_suffix, bf16 autocast, channels-last")
     parser.add_argument("--share-suffix", action="store_true", help="share_suffix alone")
     parser.add_argument("--out", default="runs/bench-study")
@@ -113,10 +114,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epoch_list = [float(e) for e in args.epochs.split(",")]
     for lr, epochs, patience in itertools.product(lrs, epoch_list, patiences):
         recipe = preset.recipe.replace(epochs=epochs, lr=lr, patience=patience)
+        if patience is not None and args.min_delta:
+            recipe = recipe.replace(min_delta=args.min_delta)
         if args.fast_options:
             recipe = recipe.replace(amp=True, channels_last=True)
         name = f"b-default-{epochs}ep" + (f"-lr{lr:g}" if args.lrs else "")
         name += f"-patience{patience}" if patience is not None else ""
+        name += f"-delta{args.min_delta:g}" if patience is not None and args.min_delta else ""
         results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
     base = np.array(results[0]["accuracy"])
     for r in results[1:]:

@@ -121,6 +121,7 @@ def _study_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         init=args.init,
         patience=args.patience,
+        min_delta=args.min_delta,
         paper_recipe=args.paper_recipe,
         precision=args.precision,
         memory_budget=None if args.memory_budget is None else int(args.memory_budget * 1024**3),
@@ -324,6 +325,11 @@ def _parser() -> argparse.ArgumentParser:
         "--patience",
         type=int,
         help="stop each stitch once its held-out accuracy has not improved for N epochs (default: all epochs)",
+    )
+    run.add_argument(
+        "--min-delta",
+        type=float,
+        help="with --patience: the rise in held-out accuracy that counts as an improvement (0.01: one point)",
     )
     run.add_argument(
         "--paper-recipe",

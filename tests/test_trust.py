@@ -206,6 +206,31 @@ def test_patience_stops_stalled_stitches_without_changing_the_others():
         assert early.holdout_accuracy is not None
 
 
+def test_min_delta_stops_stitches_whose_accuracy_rises_too_little():
+    """With `Recipe(min_delta=0.99)` no rise can count (chance is 0.1), so every stitch stops after `patience` epochs,
+    still keeping its best state; with the default any better score counts and the same stitches train longer."""
+    torch.manual_seed(0)
+    net = zoo.small_resnet("R1111", width=4).eval()
+    example = torch.randn(2, 3, 32, 32)
+    train = data.subset(data.digits(), 200)
+
+    def run(**patience):
+        torch.manual_seed(1)
+        models = [ms.stitch(net, layer, net, layer, example_input=example) for layer in ("stem", "layer2.0")]
+        recipe = ms.Recipe(epochs=6, batch_size=32, lr=0.05, **patience)
+        return ms.train.train_stitches(models, train, recipe=recipe, device="cpu", progress=False, cache=True)
+
+    counted_any, counted_none = run(patience=2), run(patience=2, min_delta=0.99)
+    assert [len(r.epoch_losses) for r in counted_none] == [2, 2]
+    assert sum(len(r.epoch_losses) for r in counted_any) > 4  # measured: 6 and 6
+    for r in counted_none:
+        assert r.selected_epoch in (0, 1, 2) and r.holdout_accuracy is not None
+    with pytest.raises(ms.StitchError, match="min_delta only applies with patience"):
+        ms.Recipe(min_delta=0.01)
+    with pytest.raises(ms.StitchError, match="min_delta"):
+        ms.Recipe(patience=1, min_delta=-0.1)
+
+
 def test_patience_without_held_out_data_warns():
     torch.manual_seed(0)
     net = zoo.small_resnet("R1111", width=4).eval()

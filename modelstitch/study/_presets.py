@@ -211,6 +211,8 @@ class PresetOptions:
         init: override the stitch initialisation (``"random"``, ``"lstsq"``...).
         patience: stop each stitch once its held-out score has not improved for
             this many epochs (`Recipe.patience`).
+        min_delta: with ``patience``, the rise in held-out accuracy that counts
+            as an improvement (`Recipe.min_delta`).
         paper_recipe: train stitches with the paper's exact recipe
             (`Recipe.paper`: random init, the last epoch kept) at the preset's
             learning rate, batch size and epochs.
@@ -231,6 +233,7 @@ class PresetOptions:
     batch_size: int | None = None
     init: str | None = None
     patience: int | None = None
+    min_delta: float | None = None
     paper_recipe: bool = False
     precision: str | None = None
     memory_budget: int | None = None
@@ -322,6 +325,8 @@ def build_preset_study(
         recipe = recipe.replace(init=options.init)
     if options.patience is not None:
         recipe = recipe.replace(patience=options.patience)
+    if options.min_delta is not None:
+        recipe = recipe.replace(min_delta=options.min_delta)
     if options.batch_size is not None:
         recipe = recipe.replace(batch_size=options.batch_size)
     trained = [n for n in models if n not in controls.values()]

@@ -62,6 +62,11 @@ class Recipe:
             (stitches trained together stop one by one; the pass ends when
             none is left). ``None`` (default) trains every stitch for all
             ``epochs``. Time to accuracy on the performance page.
+        min_delta: with ``patience``, the rise in held-out accuracy (a
+            fraction: ``0.01`` is one point) that counts as an improvement
+            for the patience count; a smaller rise still updates the kept
+            state. ``0`` (default) counts any better score (accuracy, then
+            loss).
 
     Examples:
         >>> Recipe()
@@ -85,6 +90,7 @@ class Recipe:
     init: str = "lstsq"
     holdout: float = 0.15
     patience: int | None = None
+    min_delta: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -102,6 +108,8 @@ class Recipe:
             (self.init in ("lstsq", "random", "identity"), "init must be 'lstsq', 'random' or 'identity'"),
             (0 <= self.holdout < 1, "holdout is a fraction of the training data, in [0, 1)"),
             (self.patience is None or self.patience >= 1, "patience must be None or a number of epochs >= 1"),
+            (0 <= self.min_delta < 1, "min_delta is a rise in accuracy, in [0, 1)"),
+            (self.min_delta == 0 or self.patience is not None, "min_delta only applies with patience=N"),
         ]
         for ok, message in checks:
             if not ok:

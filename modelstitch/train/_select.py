@@ -77,7 +77,9 @@ class BestEpoch:
     training can never make the kept stitch worse on the held-out data. Ties
     go to the lower held-out loss, then to the earlier epoch. With
     ``recipe.patience``, a stitch whose score has not improved for that many
-    evaluations in a row is no longer ``active`` (and is no longer evaluated).
+    evaluations in a row is no longer ``active`` (and is no longer evaluated);
+    with ``recipe.min_delta``, only a rise in accuracy of at least that much
+    counts as an improvement for that count.
     Extra keywords (``loss_fn``, ``batch_fn``, ``num_workers``) go to
     `evaluate_stitches`.
     """
@@ -98,6 +100,7 @@ class BestEpoch:
         self.epochs = [0] * len(self.models)
         self.states: list[dict[str, torch.Tensor] | None] = [None] * len(self.models)
         self.active = [True] * len(self.models)  # which stitches still train (all, without recipe.patience)
+        self.counted = [(-math.inf, 0)] * len(self.models)  # (accuracy, epoch) of the last counted improvement
 
     def __call__(self, epoch: int) -> None:
         """Evaluate the active stitches on the held-out data; remember the states that improved."""
@@ -110,13 +113,16 @@ class BestEpoch:
             recipe=self.recipe,
             **self.options,
         )
-        patience = self.recipe.patience
+        patience, delta = self.recipe.patience, self.recipe.min_delta
         for i, result in zip(indices, results):
             score = (result["accuracy"], -result["loss"])
-            if score > self.best[i]:
+            improved = score > self.best[i]
+            if improved:
                 self.best[i], self.epochs[i] = score, epoch
                 self.states[i] = {k: v.detach().clone() for k, v in self.models[i].stitch.state_dict().items()}
-            if patience is not None and epoch - self.epochs[i] >= patience:
+            if improved if delta == 0 else result["accuracy"] >= self.counted[i][0] + delta:
+                self.counted[i] = (result["accuracy"], epoch)
+            if patience is not None and epoch - self.counted[i][1] >= patience:
                 self.active[i] = False
 
     def restore(self) -> None:
