@@ -181,7 +181,8 @@ class Stitch(nn.Module):
             and float(factor).is_integer()
             else 1
         )
-        self._early = tuple(modules[:-1]) if self.upsample > 1 else ()  # a tuple: not registered as children
+        # pre split at its upsampling, in tuples so that they are not registered as children a second time
+        self._early, self._upsampler = (tuple(modules[:-1]), (last,)) if self.upsample > 1 else ((), ())
         if upsample_after_core and self.upsample == 1:
             raise StitchError("upsample_after_core=True needs a pre that ends with a nearest upsampling")
         self.upsample_after_core = upsample_after_core
@@ -191,7 +192,7 @@ class Stitch(nn.Module):
         if tuple(x.shape[1:]) != self.provided:
             raise StitchError(f"stitch {self.provided} -> {self.expected} got input of shape {tuple(x.shape)}")
         if self.upsample_after_core:  # the same function: nearest upsampling commutes with a pointwise core
-            return self.post(_nearest(self.core(self.before_upsample(x)), self.upsample))
+            return self.post(self._upsampler[0](self.core(self.before_upsample(x))))
         return self.post(self.core(self.pre(x)))
 
     def before_upsample(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,10 +235,6 @@ class Stitch(nn.Module):
             f"{self.provided} -> {self.expected}, kind={self.kind!r}, "
             f"core_layout={self.core_layout!r}, kernel={self.kernel}{late}"
         )
-
-
-def _nearest(z: torch.Tensor, factor: int) -> torch.Tensor:
-    return F.interpolate(z, scale_factor=factor, mode="nearest")
 
 
 def _spatial(hw: tuple[int, int], hw_out: tuple[int, int]) -> tuple[list[nn.Module], int]:

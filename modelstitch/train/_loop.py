@@ -78,9 +78,10 @@ def optimise(
     epoch_losses: list[list[float]] = [[] for _ in optimizers]
     sums = torch.zeros(len(optimizers), dtype=torch.float64)
     count = epoch = 0
+    # `active` is changed in place (by on_epoch, after the epoch's losses are recorded), so it is read, not copied
+    training = active if active is not None else [True] * len(optimizers)
     with tqdm(total=total_steps, desc="train", unit="step", disable=not progress, leave=False) as bar:
         for step in range(total_steps):
-            training = list(active) if active is not None else [True] * len(optimizers)
             if not any(training):
                 break
             for opt in optimizers:
