@@ -12,11 +12,14 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import StitchError
+
+if TYPE_CHECKING:
+    from .core import Allowed
 
 __all__ = ["main"]
 
@@ -75,16 +78,17 @@ def _zoo_train(args: argparse.Namespace) -> None:
     from .core import resolve_device
     from .study import load_dataset
 
-    recipe = zoo.CLASSIFIER_RECIPE.replace(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    zoo.parse_blocks(args.architecture)  # a bad name fails before the data loads
+    _check_data_flags(args)
+    device = resolve_device(args.device)
+    recipe = zoo.CLASSIFIER_RECIPE.replace(seed=args.seed, **({} if args.epochs is None else {"epochs": args.epochs}))
     train = load_dataset(args.data, train=True, root=args.data_root, augment=True, download=args.download)
     test = load_dataset(args.data, train=False, root=args.data_root, download=args.download)
     from .data import subset
 
     train, test = subset(train, args.limit, seed=args.seed), subset(test, args.limit, seed=args.seed)
     model = zoo.small_resnet(args.architecture, width=args.width)
-    result = zoo.train_classifier(
-        model, train, recipe=recipe, test_data=test, device=resolve_device(args.device), progress=not args.quiet
-    )
+    result = zoo.train_classifier(model, train, recipe=recipe, test_data=test, device=device, progress=not args.quiet)
     path = Path(args.out) / f"{zoo.architecture_name(args.architecture)}.safetensors"
     zoo.save_model(path, model, dataset=args.data, test_accuracy=result["test_accuracy"], seed=args.seed)
     print(f"{zoo.architecture_name(args.architecture)}: test accuracy {result['test_accuracy']:.4f}; saved {path}")
@@ -100,7 +104,15 @@ def _study_run(args: argparse.Namespace) -> int:
         "keep_going": args.keep_going,
         "wait": args.wait,
     }
+    if args.address is not None and args.executor != "ray":
+        raise StitchError(f"--address {args.address} is a Ray cluster's: add --executor ray, or drop --address")
     if args.config:
+        given = _preset_flags_given(args)
+        if given:
+            raise StitchError(
+                f"{given[0]} is an option of presets, which --config does not read: set it in the study file "
+                f"{args.config} (docs/study.md)"
+            )
         study = study_from_file(args.config, out=args.out, device=args.device, progress=not args.quiet)
         study.run(progress=not args.quiet, **run_options)
         study.to_csv()
@@ -109,14 +121,14 @@ def _study_run(args: argparse.Namespace) -> int:
             study.plot_measures()
         return _report(study)
 
-    options = PresetOptions(
+    options = PresetOptions(  # checks every option before anything runs
         data_root=args.data_root,
         download=args.download,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         limit=args.limit,
         epochs=args.epochs,
         max_pairs=args.max_pairs,
-        measures=_measures(args.measures),
+        measures=_measures(args.measures or ("stitch",)),
         width=args.width,
         batch_size=args.batch_size,
         init=args.init,
@@ -126,9 +138,10 @@ def _study_run(args: argparse.Namespace) -> int:
         precision=args.precision,
         memory_budget=None if args.memory_budget is None else int(args.memory_budget * 1024**3),
     )
+    preset = args.preset or "quick"
     study = run_preset(
-        args.preset,
-        out=args.out or f"runs/{args.preset}",
+        preset,
+        out=args.out or f"runs/{preset}",
         options=options,
         device=args.device,
         progress=not args.quiet,
@@ -157,9 +170,47 @@ def _report(study: Any) -> int:
     return 0
 
 
-def _measures(text: str) -> tuple[str, ...]:
-    """``"stitch,cka"`` -> ``("stitch", "cka")``; stitching is always part of a study run."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+_PRESET_FLAGS = {
+    "--preset": "preset",
+    "--data-root": "data_root",
+    "--download": "download",
+    "--seed": "seed",
+    "--limit": "limit",
+    "--epochs": "epochs",
+    "--max-pairs": "max_pairs",
+    "--width": "width",
+    "--batch-size": "batch_size",
+    "--init": "init",
+    "--patience": "patience",
+    "--min-delta": "min_delta",
+    "--paper-recipe": "paper_recipe",
+    "--precision": "precision",
+    "--memory-budget": "memory_budget",
+    "--measures": "measures",
+}
+"""The ``study run`` flags that set up a preset (their defaults are None or False), by their argparse names."""
+
+
+def _check_data_flags(args: argparse.Namespace) -> None:
+    """Refuse --data-root and --download where --data digits (bundled) reads neither."""
+    download = getattr(args, "download", False)
+    if args.data == "digits" and (args.data_root is not None or download):
+        flag = "--data-root" if args.data_root is not None else "--download"
+        raise StitchError(f"--data digits is bundled and reads no {flag}; drop it, or use --data cifar10")
+
+
+def _preset_flags_given(args: argparse.Namespace) -> list[str]:
+    """The flags of `_PRESET_FLAGS` this command line gives."""
+    given = []
+    for flag, dest in _PRESET_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None and value is not False:
+            given.append(flag)
+    return given
+
+
+def _measures(names: Sequence[str]) -> tuple[str, ...]:
+    """``("cka",)`` -> ``("stitch", "cka")``; stitching is always part of a study run."""
     return ("stitch", *(n for n in names if n != "stitch"))
 
 
@@ -168,17 +219,19 @@ def _compare(args: argparse.Namespace) -> None:
     import io
 
     from . import zoo
-    from .core import write_text
+    from .core import resolve_device, write_text
     from .data import subset
     from .metrics import compare_layers
     from .study import load_dataset
     from .study._plot import Panel, plot_heatmaps
 
+    _check_data_flags(args)
+    device = resolve_device(args.device)
     nets, layers = {}, {}
     for side, name, given in (("A", args.a, args.layers_a), ("B", args.b, args.layers_b)):
         nets[side] = _build_model(name, args.num_classes).eval()
-        if given:
-            layers[side] = [n.strip() for n in given.split(",") if n.strip()]
+        if given is not None:
+            layers[side] = given
         else:
             try:
                 layers[side] = zoo.layer_names(nets[side])
@@ -188,9 +241,8 @@ def _compare(args: argparse.Namespace) -> None:
                 ) from None
     data = load_dataset(args.data, train=False, root=args.data_root)
     data = subset(data, args.limit, seed=args.seed)
-    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
     matrices = compare_layers(
-        nets["A"], layers["A"], nets["B"], layers["B"], data, measures=measures, rule=args.rule, device=args.device
+        nets["A"], layers["A"], nets["B"], layers["B"], data, measures=args.measures, rule=args.rule, device=device
     )
     out = Path(args.out)
     rows = [
@@ -239,7 +291,7 @@ def _study_analyze(args: argparse.Namespace) -> None:
     from .study import open_preset_study
 
     study = open_preset_study(args.run_dir, device=args.device, progress=not args.quiet)
-    mse_recipe = study.recipe.replace(epochs=args.mse_epochs) if args.mse_epochs else None
+    mse_recipe = None if args.mse_epochs is None else study.recipe.replace(epochs=args.mse_epochs)
     images = [tuple(args.image_pair)] if args.image_pair else ([] if args.no_images else None)
     result = analysis.analyze(study, mse_recipe=mse_recipe, images=images, progress=not args.quiet)
     overall = result["triangle"]["overall"]
@@ -253,9 +305,39 @@ def _study_analyze(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(f) for f in result["files"]))
 
 
+def _typed(allowed: Allowed) -> Callable[[str], Any]:
+    """An argparse ``type=``: the text read as ``allowed`` says, refused (exit status 2) when not allowed."""
+
+    def parse(text: str) -> Any:
+        try:
+            return allowed.parse(text)
+        except StitchError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _listed(check: Callable[[list[str], str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` for ``"a,b,c"``: the names, checked by ``check(names, what)`` (exit status 2)."""
+
+    def parse(text: str) -> Any:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        try:
+            return check(names, repr(text))
+        except StitchError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    from .study._presets import PRESETS
+    from .core import check_names, integer, number
+    from .metrics import FLATTEN_RULES, LAYER_MEASURES
+    from .study._presets import PRESETS, check_measures
+
+    count, positive = _typed(integer(1)), _typed(number(above=0))
+    layer_names = _listed(lambda names, what: check_names(names, what, noun="layer", example="stem,layer1.0"))
 
     parser = argparse.ArgumentParser(prog="modelstitch", description="Model stitching studies from the command line.")
     parser.add_argument("--version", action="version", version=f"modelstitch {__version__}")
@@ -264,9 +346,13 @@ def _parser() -> argparse.ArgumentParser:
     layers = commands.add_parser("layers", help="list a model's layers and their output shapes")
     layers.add_argument("model", help="a small ResNet (R1211), a torchvision name (resnet18) or a timm name")
     layers.add_argument(
-        "--input-size", type=int, nargs="+", help="C H W of one input (default: timm's input size, else 3 32 32)"
+        "--input-size",
+        type=count,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="C H W of one input (default: timm's input size, else 3 32 32)",
     )
-    layers.add_argument("--num-classes", type=int, default=10)
+    layers.add_argument("--num-classes", type=count, default=10)
     layers.set_defaults(func=_layers)
 
     compare = commands.add_parser(
@@ -276,13 +362,22 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("b", help="the second network, as for A")
     compare.add_argument("--data", choices=["digits", "cifar10"], default="digits", help="the test split is used")
     compare.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
-    compare.add_argument("--measures", default="cka", help="comma-separated, e.g. cka,pwcca,procrustes")
     compare.add_argument(
-        "--rule", help="how maps become vectors: flatten, mean, cls, last (default: flatten for CKA, mean otherwise)"
+        "--measures",
+        type=_listed(lambda names, what: check_measures(names, what, LAYER_MEASURES)),
+        default=("cka",),
+        help=f"comma-separated, e.g. cka,pwcca,procrustes ({', '.join(LAYER_MEASURES)})",
     )
-    compare.add_argument("--layers-a", help="comma-separated layers of A (default: a ResNet's paper layers)")
-    compare.add_argument("--layers-b", help="comma-separated layers of B")
-    compare.add_argument("--num-classes", type=int, default=10)
+    compare.add_argument(
+        "--rule",
+        choices=FLATTEN_RULES,
+        help="how maps become vectors: flatten, mean, cls, last (default: flatten for CKA, mean otherwise)",
+    )
+    compare.add_argument(
+        "--layers-a", type=layer_names, help="comma-separated layers of A (default: a ResNet's paper layers)"
+    )
+    compare.add_argument("--layers-b", type=layer_names, help="comma-separated layers of B")
+    compare.add_argument("--num-classes", type=count, default=10)
     _common(compare, out_default="runs/compare")
     compare.set_defaults(func=_compare)
 
@@ -294,8 +389,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--data", choices=["digits", "cifar10"], default="digits")
     train.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
     train.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10")
-    train.add_argument("--epochs", type=float, help="override the recipe's epochs")
-    train.add_argument("--width", type=int, default=64)
+    train.add_argument("--epochs", type=positive, help="override the recipe's epochs")
+    train.add_argument("--width", type=count, default=64)
     _common(train, out_default="zoo")
     train.set_defaults(func=_zoo_train)
 
@@ -307,28 +402,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="quick",
-        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
+        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()) + " (default: quick)",
     )
     run.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
     run.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10")
-    run.add_argument("--epochs", type=float, help="override the epochs of network and stitch training")
+    run.add_argument("--epochs", type=positive, help="override the epochs of network and stitch training")
     run.add_argument(
         "--max-pairs",
-        type=int,
+        type=count,
         help="only the first N ordered pairs (and their controls); rerun without it to add the rest",
     )
-    run.add_argument("--width", type=int, help="override the networks' width (channels of the first stage)")
-    run.add_argument("--batch-size", type=int, help="override the stitch batch size (the learning rate scales)")
+    run.add_argument("--width", type=count, help="override the networks' width (channels of the first stage)")
+    run.add_argument("--batch-size", type=count, help="override the stitch batch size (the learning rate scales)")
     run.add_argument("--init", choices=["random", "identity", "lstsq"], help="override the stitch initialisation")
     run.add_argument(
         "--patience",
-        type=int,
+        type=count,
         help="stop each stitch once its held-out accuracy has not improved for N epochs (default: all epochs)",
     )
     run.add_argument(
         "--min-delta",
-        type=float,
+        type=_typed(number(at_least=0, below=1)),
         help="with --patience: the rise in held-out accuracy that counts as an improvement (0.01: one point)",
     )
     run.add_argument(
@@ -341,7 +435,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16"],
         help="autocast precision of training and evaluation (default: bf16 on CUDA, fp32 on the CPU)",
     )
-    run.add_argument("--memory-budget", type=float, help="GiB of activation cache kept in memory; the rest spills")
+    run.add_argument(
+        "--memory-budget",
+        type=_typed(number(at_least=0)),
+        help="GiB of activation cache kept in memory; the rest spills (0: all of it)",
+    )
     run.add_argument("--executor", choices=["local", "ray"], default="local", help="run pairs here or as Ray tasks")
     run.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray)")
     run.add_argument("--retry-failed", action="store_true", help="run pairs that failed before again")
@@ -351,12 +449,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", action="store_true", help="if another process runs in --out, wait for it to finish")
     run.add_argument(
         "--measures",
-        default="stitch",
+        type=_listed(check_measures),
         help="comma-separated: stitch plus similarity measures to compute for every cell, e.g. stitch,cka,pwcca "
         "(cka, linear_cka, rbf_cka, cca, svcca, pwcca, procrustes, linear_regression_r2, mutual_knn)",
     )
     _common(run, out_default=None, out_help="output folder (default runs/<preset>, or the study file's out)")
-    run.set_defaults(func=_study_run)
+    run.set_defaults(func=_study_run, seed=None, device=None)  # None: not given (a preset's 0, the file's device)
 
     plot = study.add_parser("plot", help="draw the heatmaps (and CSV) of a run folder")
     plot.add_argument("run_dir")
@@ -369,9 +467,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the paper's analyses of a preset run: MSE tables, similarity-trained stitches, images, triangle",
     )
     analyze.add_argument("run_dir")
-    analyze.add_argument("--mse-epochs", type=float, help="epochs of the MSE-trained stitches (default: the study's)")
-    analyze.add_argument("--image-pair", nargs=2, metavar=("SENDER", "RECEIVER"), help="pair for image generation")
-    analyze.add_argument("--no-images", action="store_true", help="skip image generation")
+    analyze.add_argument(
+        "--mse-epochs", type=positive, help="epochs of the MSE-trained stitches (default: the study's)"
+    )
+    images = analyze.add_mutually_exclusive_group()
+    images.add_argument("--image-pair", nargs=2, metavar=("SENDER", "RECEIVER"), help="pair for image generation")
+    images.add_argument("--no-images", action="store_true", help="skip image generation")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     analyze.set_defaults(func=_study_analyze)
@@ -379,14 +480,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _common(parser: argparse.ArgumentParser, *, out_default: str | None, out_help: str | None = None) -> None:
-    parser.add_argument("--out", default=out_default, help=out_help or f"output folder (default {out_default})")
+    from .core import PATH, SEED, integer
+
+    count = _typed(integer(1))
+    parser.add_argument(
+        "--out", type=_typed(PATH), default=out_default, help=out_help or f"output folder (default {out_default})"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, help="use only this many training (and test) samples")
+    parser.add_argument("--seed", type=_typed(SEED), default=0)
+    parser.add_argument("--limit", type=count, help="use only this many training (and test) samples")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=count,
         help="CPU threads torch uses (default: the cores not already busy, by the load average; at least 1)",
     )
 
@@ -411,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(args, "threads"):
         import torch
 
-        torch.set_num_threads(args.threads or _free_cores(torch.get_num_threads()))
+        torch.set_num_threads(args.threads if args.threads is not None else _free_cores(torch.get_num_threads()))
     try:
         status = args.func(args)
     except StitchError as err:

@@ -76,7 +76,9 @@ def test_failed_write_keeps_old_file_and_cleans_up(tmp_path):
     # The rename itself fails (the target is a folder): the temp file must go.
     folder = tmp_path / "taken.safetensors"
     folder.mkdir()
-    with pytest.raises(StitchError, match=r"could not write .*taken.safetensors \(Is a directory\)"):
+    with pytest.raises(
+        StitchError, match=r"could not write .*taken.safetensors: Is a directory \(a folder or file is in the way"
+    ):
         save_checkpoint(folder, _state(), {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "taken.safetensors"]
 

@@ -94,16 +94,16 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
         r"labels must be class indices 0..9 for the receiver's 10 outputs; this batch has labels from 12 to 12",
     ),
     (
-        "NaN activations into least squares",
+        "NaN inputs into least squares",
         lambda n: ms.fit_least_squares(
             _stitch(n["a"], n["b"]), [(torch.full((4, 3, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long))]
         ),
-        r"least-squares init saw NaN or infinite activations",
+        r"the least-squares data holds NaN or infinite values: sample 0; remove or repair it",
     ),
     (
         "a pair that raises stops the study, named",
         lambda n: _failing_study(n).run(progress=False),
-        r"pair a -> b failed: StitchError: .*no layer 'nope'.*--keep-going",
+        r"pair a -> b failed: StitchError: .*layer 'nope' did not produce a tensor.*--keep-going",
     ),
     (
         "empty dataset",
@@ -116,7 +116,7 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
         r"Recipe\(holdout=0.15\) leaves no training samples out of 1",
     ),
     (
-        "a NaN batch",
+        "a NaN training batch",
         lambda n: ms.train_stitch(
             _stitch(n["a"], n["b"]),
             [(torch.full((8, 3, 32, 32), float("nan")), torch.zeros(8, dtype=torch.long))],
@@ -124,13 +124,13 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
             device="cpu",
             progress=False,
         ),
-        r"the loss became nan at step 1 of 1 for the cell SmallResNet\['layer1.0'\]",
+        r"the training data holds NaN or infinite values: sample 0; remove or repair it",
     ),
     ("CUDA asked for on a CPU machine", lambda n: ms.core.resolve_device("cuda:0"), r"is_available\(\) is False"),
     ("a device that is not one", lambda n: ms.core.resolve_device("gpu0"), r"device='gpu0' is not a device"),
     ("no example_input", lambda n: ms.stitch(n["a"], "stem", n["b"], "stem", example_input=None), r"needs example_inp"),
     ("unknown stitch kind", lambda n: ms.make_stitch((4, 8, 8), (4, 8, 8), kind="conv9"), r"kind"),
-    ("a recipe with lr 0", lambda n: ms.Recipe(lr=0), r"lr must be > 0"),
+    ("a recipe with lr 0", lambda n: ms.Recipe(lr=0), r"lr must be a finite number > 0, got 0"),
     ("a recipe holding out everything", lambda n: ms.Recipe(holdout=1.0), r"holdout is a fraction"),
     ("unknown objective", lambda n: ms.train_stitch(_stitch(n["a"], n["b"]), _digits(32), objective="l1"), r"'task'"),
     (
@@ -163,7 +163,80 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
         lambda n: _failing_study(n, out=_garbage(b"x") / "run").run(progress=False),
         r"cannot use .* as a run folder",
     ),
-    ("a full disk while a pair is stored", lambda n: _full_disk_study(n), r"could not write .*No space left on device"),
+    (
+        "a study layer list as a string",
+        lambda n: _layers_study(n, "layer1.0"),
+        r"must be a list of layer names, got "
+        r"'layer1.0'; for one layer write \['layer1.0'\]",
+    ),
+    (
+        "a study layer named twice",
+        lambda n: _layers_study(n, ["stem", "stem", "layer1.0"]),
+        r"layers\['a'\] names \['stem'\] more than once",
+    ),
+    ("an empty study layer list", lambda n: _layers_study(n, []), r"layers\['a'\] is empty"),
+    ("an unknown study layer", lambda n: _layers_study(n, ["stem", "layer9"]), r"no layer 'layer9'"),
+    (
+        "layers of a network not in the study",
+        lambda n: _layers_study(n, ["stem"], other="c"),
+        r"layers names 'c', which is not in models",
+    ),
+    ("a network its own control", lambda n: _layers_study(n, ["stem"], controls={"a": "a"}), r"maps 'a' to itself"),
+    (
+        "a study of controls only",
+        lambda n: _layers_study(n, ["stem"], controls={"a": "b", "b": "a"}, pairs="all"),
+        r"this study has no cells",
+    ),
+    (
+        "a study objective that is none",
+        lambda n: _layers_study(n, ["stem"], objective="l1"),
+        r"Study: objective must be one of 'task', 'mse', 'kl', got 'l1'",
+    ),
+    (
+        "a study seed below 0",
+        lambda n: _layers_study(n, ["stem"], seed=-1),
+        r"Study: seed must be an int in \[0, 2\*\*62\]",
+    ),
+    (
+        "a study evaluation batch of 0",
+        lambda n: _layers_study(n, ["stem"], eval_batch_size=0),
+        r"Study: eval_batch_size must be an int >= 1, got 0",
+    ),
+    (
+        "a study recipe that is a dict",
+        lambda n: _layers_study(n, ["stem"], recipe={"epochs": 1}),
+        r"Study: recipe must be a modelstitch.Recipe, got dict",
+    ),
+    (
+        "an output selector on a layer that returns one tensor",
+        lambda n: ms.stitch(n["a"], "layer1.0", n["b"], "layer1.0", example_input=X, sender_output=1),
+        r"layer 'layer1.0' returns one tensor, so there is nothing for output=1 to select .*drop the selector",
+    ),
+    (
+        "a layer that folds the batch into its rows",
+        lambda n: ms.stitch(_Folding(), "fold", _Folding(), "head", example_input=torch.randn(4, 8, 6)),
+        r"layer 'fold' gives a tensor of shape \(32, 6\) for example_input's batch of 4; .*batch first",
+    ),
+    (
+        "more inputs than labels",
+        lambda n: ms.evaluate(n["a"], [(torch.randn(8, 3, 32, 32), torch.zeros(6, dtype=torch.long))], device="cpu"),
+        r"the evaluation data: batch 0 has 8 inputs but 6 labels",
+    ),
+    (
+        "string labels",
+        lambda n: ms.evaluate(n["a"], _Named(), device="cpu"),
+        r"labels must be a tensor of class indices .*got (list|tuple) such as 'cat'; map them to integers",
+    ),
+    (
+        "float class indices",
+        lambda n: ms.evaluate(n["a"], [(torch.randn(4, 3, 32, 32), torch.tensor([0.0, 1.0, 2.0, 3.0]))], device="cpu"),
+        r"labels of shape \(4,\) \(torch.float32\) do not fit outputs of shape \(4, 10\)",
+    ),
+    (
+        "NaN in a study's test data",
+        lambda n: _layers_study(n, ["stem"], test=_nan_digits(16, at=5), sanity=False).run(progress=False),
+        r"the study's test data holds NaN or infinite values: sample 5",
+    ),
     (
         "wrong channel count at run time",
         lambda n: _stitch(n["a"], n["b"])(torch.randn(2, 5, 32, 32)),
@@ -202,29 +275,21 @@ def _old_store() -> Path:
     return path
 
 
-def _full_disk_study(n: dict[str, nn.Module]) -> None:
-    """The stitch weights of the first pair hit a full disk: a StitchError, and nothing half-written."""
-    import errno
-    from unittest import mock
-
-    study = _failing_study(n)
-    study.layers["b"] = ["stem"]
-
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    try:
-        with mock.patch("modelstitch.core._checkpoint.save_file", no_space):
-            study.run(progress=False)
-    finally:
-        assert study.rows() == []  # no row names a file that was not written
-        assert not list((study.out / "stitches").glob("*")) if (study.out / "stitches").exists() else True
-
-
 def _store(n: dict[str, nn.Module]) -> ms.study.ResultStore:
     import tempfile
 
     return ms.study.ResultStore(Path(tempfile.mkdtemp()) / "s.sqlite")
+
+
+class _WithSpare(nn.Module):
+    """A network with a module its forward never calls: a layer that exists but gives nothing at run time."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.nope = net, nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 def _failing_study(n: dict[str, nn.Module], out: Path | None = None, **kw) -> ms.Study:
@@ -232,7 +297,7 @@ def _failing_study(n: dict[str, nn.Module], out: Path | None = None, **kw) -> ms
 
     small = _digits(16)
     return ms.Study(
-        {"a": n["a"], "b": n["b"]},
+        {"a": n["a"], "b": _WithSpare(n["b"])},
         train_data=small,
         test_data=small,
         out=out or tempfile.mkdtemp(),
@@ -241,6 +306,51 @@ def _failing_study(n: dict[str, nn.Module], out: Path | None = None, **kw) -> ms
         recipe=ms.Recipe(epochs=1, batch_size=8),
         device="cpu",
         sanity=False,
+        **kw,
+    )
+
+
+class _Folding(nn.Module):
+    """``[B, T, C]`` folded into ``[B*T, C]`` by one layer, unfolded by the next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fold, self.head = nn.Flatten(0, 1), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fold(x)).view(x.shape[0], -1, 3).mean(1)
+
+
+class _Named(Dataset):
+    """Images labelled by class name: the default collate gives a list of strings."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return torch.zeros(3, 32, 32), "cat"
+
+
+def _nan_digits(n: int, at: int) -> TensorDataset:
+    x, y = (torch.stack(t) for t in zip(*[_digits(n)[i] for i in range(n)]))
+    x[at, 0, 0, 0] = float("nan")
+    return TensorDataset(x, y)
+
+
+def _layers_study(
+    n: dict[str, nn.Module], layers: object, other: str = "a", test: Dataset | None = None, **kw
+) -> ms.Study:
+    """A study refused at construction, before any folder or network work (or, with bad test data, in its run)."""
+    import tempfile
+
+    kw = {"pairs": [("a", "b")], **kw}
+    return ms.Study(
+        {"a": n["a"], "b": n["b"]},
+        train_data=_digits(16),
+        test_data=_digits(16) if test is None else test,
+        out=Path(tempfile.mkdtemp()) / "run",
+        layers={other: layers, "b": ["stem"]},
+        device="cpu",
         **kw,
     )
 
@@ -307,7 +417,7 @@ def test_keep_going_records_the_failure_and_the_cli_exits_non_zero(tmp_path, cap
     study.run(progress=False, keep_going=True)
     (failure,) = study.failures()
     assert (failure["sender"], failure["receiver"]) == ("a", "b")
-    assert "no layer 'nope'" in failure["error"]
+    assert "layer 'nope' did not produce a tensor" in failure["error"]
 
 
 def test_cli_refuses_a_data_root_the_preset_does_not_read(tmp_path, capsys):

@@ -122,3 +122,65 @@ def test_snippet_on_cuda():
     stitched = ms.stitch(a, "layer3.1", b, "layer2.0", example_input=torch.randn(2, 3, 32, 32))
     assert stitched.stitch.core.weight.is_cuda
     assert stitched(torch.randn(4, 3, 32, 32, device="cuda")).shape == (4, 10)
+
+
+class _Pair(nn.Module):
+    """A layer whose output is a tuple ``(p, q)``: ``sender_output=1`` must mean ``q`` everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), 3 * self.b(x)
+
+
+class _PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair, self.mid, self.head = _Pair(), nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, q = self.pair(x)
+        return self.head(torch.relu(self.mid(q)))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_output_selectors_are_honoured_by_every_path(cache):
+    """The forward, evaluation, training's loss, the cache, the MSE target and least squares read the same tensor."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    sender, receiver = _PairNet(), _PairNet()
+    x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+    s = ms.stitch(sender, "pair", receiver, "pair", example_input=x[:2], sender_output=1, receiver_output=1)
+    with torch.no_grad():
+        q = sender.pair(x)[1]
+        torch.testing.assert_close(s.provided_representation(x), q)
+        torch.testing.assert_close(s.expected_representation(x), receiver.pair(x)[1])
+        direct = F.cross_entropy(s(x), y).item()
+    assert ms.evaluate(s, [(x, y)], device="cpu")["loss"] == pytest.approx(direct, rel=1e-6)
+    data = TensorDataset(x, y)
+    recipe = ms.Recipe.paper(epochs=1, batch_size=64, lr=1e-12, warmup=0.0)
+    task = ms.train_stitch(s, data, recipe=recipe, device="cpu", progress=False, cache=cache)
+    assert task.epoch_losses[0] == pytest.approx(direct, rel=1e-5)  # one step: the loss before it
+    with torch.no_grad():
+        mse = F.mse_loss(s.stitch(q), receiver.pair(x)[1]).item()
+    result = ms.train_stitch(s, data, objective="mse", recipe=recipe, device="cpu", progress=False, cache=cache)
+    assert result.epoch_losses[0] == pytest.approx(mse, rel=1e-5)
+    ms.fit_least_squares(s, [(x, y)], ridge=0.0)
+    with torch.no_grad():  # receiver.pair.b is linear in x, and so is q: least squares recovers it exactly
+        torch.testing.assert_close(s.stitch(q), receiver.pair(x)[1], atol=1e-4, rtol=1e-4)
+    assert no_hooks_left(sender) and no_hooks_left(receiver)
+
+
+def test_the_model_reported_token_grid_is_used_by_stitch():
+    """A 4x6 patch grid plus a class token is 25 tokens: square by chance, but the CLS token is no patch."""
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), patch_size=8, depth=2, num_classes=10)
+    resnet = ms.zoo.small_resnet("R1111", width=4)
+    s = ms.stitch(vit, "blocks.1", resnet, "layer1.0", example_input=torch.randn(2, 3, 32, 48))
+    to_map = s.stitch.pre[0]
+    assert isinstance(to_map, ms.stitches.TokensToMap)
+    assert (to_map.prefix, to_map.grid) == (1, (4, 6))
+    assert s(torch.randn(2, 3, 32, 48)).shape == (2, 10)

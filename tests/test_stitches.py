@@ -469,3 +469,176 @@ def test_upsampling_after_the_core_is_the_same_function(kind, provided, expected
         torch.testing.assert_close(late, early, rtol=1e-5, atol=1e-6)
         for g, p in zip(grads, stitch.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- rectangular patch grids
+
+
+def _rect_vit(**options) -> nn.Module:
+    """A 2-block timm ViT-Tiny on 32x48 images with 8x8 patches: 1 class token + a 4x6 grid = 25 tokens."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=(32, 48), patch_size=8, depth=2, num_classes=10, **options
+    ).eval()
+
+
+def test_rectangular_vit_into_resnet_drops_only_the_class_token() -> None:
+    """The user's case: 25 = 1 + 4x6 tokens are not 0 + 5x5 once the model's layout is passed."""
+    from modelstitch.core import layer_specs
+    from modelstitch.stitches import TokensToMap, token_layout
+    from modelstitch.zoo import small_resnet
+
+    vit, resnet, x = _rect_vit(), small_resnet("R1111", width=4), torch.randn(2, 3, 32, 48)
+    ((provided,), (expected,)) = layer_specs(vit, x, ["blocks.1"]), layer_specs(resnet, x, ["layer1.0"])
+    assert (provided.shape, expected.shape) == ((25, 192), (4, 32, 48))
+    assert _pre_names(make_stitch(provided, expected)) == [T2M, "Resize"]  # the square guess, kept when told nothing
+    prefix, grid = token_layout(vit, "blocks.1")
+    stitch = make_stitch(provided, expected, num_prefix_tokens=prefix, token_grid=grid)
+    to_map = stitch.pre[0]
+    assert isinstance(to_map, TokensToMap) and (to_map.prefix, to_map.grid) == (1, (4, 6))
+    assert repr(to_map) == "TokensToMap(drop 1 prefix tokens, grid=4x6)"
+    assert _pre_names(stitch) == [T2M, "Upsample"] and stitch.upsample == 8  # 4x6 -> 32x48
+    tokens = torch.arange(25.0).view(1, 25, 1).expand(2, 25, 3)  # token i holds the value i
+    maps = to_map(tokens)
+    assert maps.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(maps, torch.arange(1.0, 25.0).view(1, 1, 4, 6).expand(2, 3, 4, 6))
+    assert stitch(torch.randn(2, 25, 192)).shape == (2, 4, 32, 48)
+    layouts = (token_layout(vit, "blocks.1"), token_layout(resnet, "layer1.0"))  # what stitch() passes
+    assert repr(make_stitch(provided, expected, token_layouts=layouts).pre) == repr(stitch.pre)
+
+
+def test_tokens_to_map_matches_timm_patch_order() -> None:
+    """timm flattens the patch map row-major: TokensToMap of the patch tokens is patch_embed.proj's map."""
+    from modelstitch.stitches import TokensToMap, token_layout
+
+    vit, x = _rect_vit(), torch.randn(2, 3, 32, 48)
+    prefix, grid = token_layout(vit, "patch_embed")
+    with torch.no_grad():
+        torch.testing.assert_close(TokensToMap(prefix, grid)(vit.patch_embed(x)), vit.patch_embed.proj(x))
+
+
+@pytest.mark.parametrize(
+    ("provided", "expected", "token_grid", "pre", "kernel", "post"),
+    [
+        ((8, 4, 6), (25, 16), (4, 6), [], 1, M2T),  # the same grid: a 1x1 conv
+        ((8, 8, 12), (25, 16), (4, 6), [], 2, M2T),  # 2x downsampling
+        ((8, 2, 3), (25, 16), (4, 6), ["Upsample"], 1, M2T),
+        ((8, 5, 5), (25, 16), (4, 6), ["Resize"], 1, M2T),
+        ((25, 16), (8, 8, 12), (4, 6), [T2M, "Upsample"], 1, ID),
+        ((25, 16), (13, 8), ((4, 6), (3, 4)), [TR], 1, ID),  # 1 + 4x6 -> 1 + 3x4
+        ((25, 16), (50, 8), ((4, 6), None), [TR], 1, ID),  # -> 1 + 7x7, square
+        ((197, 16), (25, 8), (None, (4, 6)), [TR], 1, ID),  # 1 + 14x14, square -> 1 + 4x6
+        ((25, 16), (25, 8), ((4, 6), (6, 4)), [TR], 1, ID),  # the same N, another grid
+        ((25, 16), (25, 8), (4, 6), [], 1, ID),  # the same grid: no resampling
+    ],
+)
+def test_rectangular_grid_rules(provided, expected, token_grid, pre, kernel, post) -> None:
+    stitch = make_stitch(provided, expected, token_grid=token_grid)
+    assert (_pre_names(stitch), stitch.kernel, type(stitch.post).__name__) == (pre, kernel, post)
+    assert stitch(torch.randn(2, *provided)).shape == (2, *expected)
+
+
+def test_rectangular_token_resample_is_bilinear_on_the_grid() -> None:
+    from modelstitch.stitches import TokenResample, TokensToMap
+
+    stitch = make_stitch((25, 16), (13, 8), token_grid=((4, 6), (3, 4)))
+    assert repr(stitch.pre) == "TokenResample(prefix 1 + 4x6 grid -> prefix 1 + 3x4 grid)"
+    x = torch.randn(2, 25, 16)
+    y = stitch.pre(x)
+    torch.testing.assert_close(y[:, 0], x[:, 0])  # equal prefix counts keep the class token
+    grid = F.interpolate(TokensToMap(1, (4, 6))(x), size=(3, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(y[:, 1:], grid.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(TokenResample(2, (4, 6), 2, (4, 6))(x[:, :26]), x[:, :26])
+
+
+@pytest.mark.parametrize(("prefix", "grid"), [(1, (4, 6)), (0, (6, 4)), (2, (1, 5)), (1, 3)])
+def test_map_tokens_round_trip(prefix, grid) -> None:
+    from modelstitch.stitches import MapToTokens, TokensToMap
+
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    to_tokens, to_map = MapToTokens(prefix, grid), TokensToMap(prefix, grid)
+    assert f"grid={gh}x{gw}" in repr(to_tokens) and f"grid={gh}x{gw}" in repr(to_map)
+    x = torch.randn(2, 5, gh, gw)
+    torch.testing.assert_close(to_map(to_tokens(x)), x)
+    torch.testing.assert_close(to_tokens.inverse(to_tokens(x)), x)
+    tokens = torch.randn(2, prefix + gh * gw, 5)
+    torch.testing.assert_close(to_tokens(to_map(tokens))[:, prefix:], tokens[:, prefix:])
+    stitch = make_stitch((5, gh, gw), (prefix + gh * gw, 5), num_prefix_tokens=prefix, token_grid=(gh, gw))
+    y = stitch(x)
+    torch.testing.assert_close(stitch.post(stitch.invert_post(y)), y)
+
+
+@pytest.mark.parametrize(
+    ("layer", "layout"),
+    [
+        ("blocks.1", (1, (4, 6))),
+        ("blocks.0.attn", (1, (4, 6))),
+        ("blocks.1:0", (1, (4, 6))),
+        ("norm", (1, (4, 6))),
+        ("pos_drop", (1, (4, 6))),
+        ("norm_pre", (1, (4, 6))),
+        ("patch_drop", (1, (4, 6))),
+        ("patch_embed", (0, (4, 6))),  # the patch tokens before the class token is prepended
+        ("patch_embed.proj", None),  # a [D, 4, 6] map
+        ("fc_norm", None),
+        ("head", None),
+        ("input", None),
+    ],
+)
+def test_token_layout_of_a_timm_vit(layer, layout) -> None:
+    from modelstitch.stitches import token_layout
+
+    assert token_layout(_rect_vit(), layer) == layout
+
+
+def test_token_layout_registers_resnet_and_dynamic_size() -> None:
+    from modelstitch.stitches import token_layout
+    from modelstitch.zoo import small_resnet
+
+    assert token_layout(_rect_vit(reg_tokens=2, no_embed_class=True), "blocks.0") == (3, (4, 6))
+    assert token_layout(small_resnet("R1111", width=4), "layer1.0") is None
+    assert token_layout(_rect_vit(dynamic_img_size=True), "blocks.1") is None  # the grid depends on the input
+
+
+def test_reported_layouts_are_used_only_where_they_fit() -> None:
+    layout = (1, (4, 6))
+    fits = make_stitch((25, 16), (8, 4, 6), token_layouts=(layout, None))
+    assert repr(fits.pre) == "TokensToMap(drop 1 prefix tokens, grid=4x6)"
+    guess = repr(make_stitch((24, 16), (8, 4, 4)).pre)  # 24 = 8 + 4x4 by the square guess
+    assert repr(make_stitch((24, 16), (8, 4, 4), token_layouts=(layout, None)).pre) == guess  # N != 1 + 24
+    assert repr(make_stitch((25, 16), (8, 5, 5), token_layouts=(layout, layout), num_prefix_tokens=0).pre) == (
+        "TokensToMap(drop 0 prefix tokens, grid=5x5)"  # an explicit option wins over the report
+    )
+    assert make_stitch((8, 4, 6), (8, 4, 6), token_layouts=(layout, layout)).post.__class__ is nn.Identity  # maps
+
+
+@pytest.mark.parametrize(
+    ("provided", "expected", "options", "numbers"),
+    [
+        ((25, 192), (4, 32, 48), {"num_prefix_tokens": 1, "token_grid": (5, 5)}, ["25 tokens", "5x5", "26"]),
+        ((25, 192), (4, 32, 48), {"token_grid": (6, 6)}, ["25 tokens", "6x6", "36 patch tokens"]),
+        ((25, 192), (4, 32, 48), {"num_prefix_tokens": 1}, ["25 tokens", "24 patch tokens", "token_grid=(gh, gw)"]),
+        ((8, 4, 6), (25, 16), {"token_grid": (5, 6)}, ["expected side has 25 tokens", "5x6", "30"]),
+        ((25, 16), (25, 8), {"token_grid": ((4, 6), (5, 6))}, ["expected side has 25 tokens", "5x6", "30"]),
+        ((25, 192), (4, 32, 48), {"token_grid": (0, 6)}, ["token_grid=(0, 6)", "ints >= 1"]),
+        ((25, 192), (4, 32, 48), {"token_grid": (4, 6.0)}, ["token_grid=(4, 6.0)"]),
+        ((25, 192), (4, 32, 48), {"token_grid": (True, 24)}, ["token_grid=(True, 24)"]),
+        ((25, 192), (4, 32, 48), {"token_grid": (4, 6, 1)}, ["token_grid=(4, 6, 1)"]),
+        ((25, 192), (4, 32, 48), {"token_grid": ((4, 6), (4,))}, ["token_grid=((4, 6), (4,))"]),
+        ((25, 192), (4, 32, 48), {"token_layouts": (1, (4, 6))}, ["token_layouts=(1, (4, 6))"]),
+    ],
+)
+def test_bad_token_grid_names_the_numbers(provided, expected, options, numbers) -> None:
+    message = str(_assert_error(provided, expected, **options))
+    for number in numbers:
+        assert number in message, (number, message)
+
+
+def test_equal_token_counts_keep_their_layout_unless_both_grids_are_known() -> None:
+    layout = (1, (4, 6))
+    assert isinstance(make_stitch((25, 16), (25, 8), token_layouts=(layout, None)).pre, nn.Identity)
+    assert isinstance(make_stitch((25, 16), (25, 8), token_layouts=(layout, layout)).pre, nn.Identity)
+    other = make_stitch((25, 16), (25, 8), token_layouts=(layout, (1, (6, 4))))
+    assert repr(other.pre) == "TokenResample(prefix 1 + 4x6 grid -> prefix 1 + 6x4 grid)"

@@ -246,13 +246,13 @@ def test_train_classifier_accepts_a_dataloader(digit_splits):
     assert result["steps"] == 4 and result["test_accuracy"] is None
 
 
-def test_train_classifier_nan_loss_names_the_step():
+def test_train_classifier_refuses_nan_data_naming_the_sample():
     x = torch.randn(8, 3, 32, 32)
     x[5] = float("nan")
     data = TensorDataset(x, torch.zeros(8, dtype=torch.long))
     model = small_resnet("R1111", width=4)
     recipe = CLASSIFIER_RECIPE.replace(batch_size=4, epochs=1)
-    with pytest.raises(StitchError, match=r"step \d+ of 2"):
+    with pytest.raises(StitchError, match=r"the training data holds NaN or infinite values: sample 5"):
         train_classifier(model, DataLoader(data, batch_size=4), recipe=recipe, device="cpu", progress=False)
     assert not model.training
 

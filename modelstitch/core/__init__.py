@@ -9,9 +9,10 @@ caller's data into ``(inputs, labels)`` batches.
 """
 
 from ._address import INPUT, Address, list_layers, missing_call_error, parse_address, repeated_call_error
-from ._batches import BatchFn, as_loader, is_batch_list, iterate_batches, loader, split_batch, to_device
+from ._batches import BatchFn, as_loader, batch_rows, is_batch_list, iterate_batches, loader, split_batch, to_device
 from ._capture import Activations, activations, capture
 from ._checkpoint import load_checkpoint, save_checkpoint
+from ._checks import BOOLEAN, PATH, SEED, TEXT, Allowed, check_names, choice, duplicates, integer, number
 from ._device import resolve_device
 from ._files import atomic_path, remove_orphans, write_text
 from ._fingerprint import fingerprint_data, fingerprint_module
@@ -21,15 +22,22 @@ from ._outputs import (
     OutputSelector,
     call_model,
     call_model_capturing_input,
+    first_input_tensor,
     match_dtype,
     replace_output,
     select_output,
 )
+from ._positions import Positions, position_mask
 from ._probe import layer_specs
 from ._spec import ActivationSpec, Layout, layout_of
-from ._split import Prefix, Suffix, SuffixMethod, prefix, suffix
+from ._split import Prefix, Suffix, SuffixMethod, prefix, prefix_outputs, suffix
 
 __all__ = [
+    "BOOLEAN",
+    "PATH",
+    "SEED",
+    "TEXT",
+    "Allowed",
     "INPUT",
     "ActivationSpec",
     "Activations",
@@ -37,19 +45,26 @@ __all__ = [
     "BatchFn",
     "Layout",
     "OutputSelector",
+    "Positions",
     "Prefix",
     "Suffix",
     "SuffixMethod",
     "activations",
     "as_loader",
+    "batch_rows",
     "atomic_path",
     "call_model",
     "call_model_capturing_input",
+    "duplicates",
+    "first_input_tensor",
     "capture",
+    "check_names",
+    "choice",
     "fingerprint_data",
     "fingerprint_module",
     "folder_lock",
     "frozen",
+    "integer",
     "is_batch_list",
     "iterate_batches",
     "layer_specs",
@@ -58,9 +73,12 @@ __all__ = [
     "load_checkpoint",
     "loader",
     "match_dtype",
+    "number",
     "missing_call_error",
     "parse_address",
+    "position_mask",
     "prefix",
+    "prefix_outputs",
     "remove_orphans",
     "repeated_call_error",
     "replace_output",

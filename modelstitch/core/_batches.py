@@ -6,17 +6,28 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from .._errors import StitchError
+from ._outputs import first_input_tensor
 
-__all__ = ["BatchFn", "as_loader", "is_batch_list", "iterate_batches", "loader", "split_batch", "to_device"]
+__all__ = [
+    "BatchFn",
+    "as_loader",
+    "batch_rows",
+    "is_batch_list",
+    "iterate_batches",
+    "loader",
+    "split_batch",
+    "to_device",
+]
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
 """Maps one batch from the loader to ``(inputs, labels)``; labels may be ``None``."""
 
 _INPUT_KEYS = ("input", "inputs", "image", "images", "pixel_values", "x")
 _LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+_MODEL_KEYS = ("input_ids", "inputs_embeds")
 
 
 def split_batch(batch: Any, batch_fn: BatchFn | None = None) -> tuple[Any, torch.Tensor | None]:
@@ -24,7 +35,9 @@ def split_batch(batch: Any, batch_fn: BatchFn | None = None) -> tuple[Any, torch
 
     Tuples and lists give their first two items; dicts are read by the usual
     key names (``"image"``/``"input"``/``"x"``, ``"label"``/``"target"``/``"y"``);
-    a bare tensor is an unlabelled batch. ``batch_fn`` overrides all of this.
+    a dict with ``"input_ids"`` (a HuggingFace batch) gives every key but
+    ``"labels"`` as keyword inputs of the model; a bare tensor is an
+    unlabelled batch. ``batch_fn`` overrides all of this.
 
     Examples:
         >>> split_batch({"image": torch.zeros(2, 3), "label": torch.tensor([1, 0])})[1]
@@ -37,13 +50,16 @@ def split_batch(batch: Any, batch_fn: BatchFn | None = None) -> tuple[Any, torch
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0], (batch[1] if len(batch) > 1 else None)
     if isinstance(batch, Mapping):
+        if any(k in batch for k in _MODEL_KEYS):  # a HuggingFace-style batch: every key but the labels is an input
+            inputs = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+            return inputs, next((batch[k] for k in _LABEL_KEYS if k in batch), None)
         x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
         y = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
         if x is not None:
             return x, y
         raise StitchError(
-            f"a batch dict needs one of the keys {_INPUT_KEYS} for inputs (found {sorted(batch)}); "
-            "pass batch_fn=lambda b: (inputs, labels) to say where they are"
+            f"a batch dict needs one of the keys {_INPUT_KEYS} for inputs, or {_MODEL_KEYS} for keyword inputs "
+            f"(found {sorted(batch)}); pass batch_fn=lambda b: (inputs, labels) to say where they are"
         )
     raise StitchError(
         f"cannot read (inputs, labels) from a batch of type {type(batch).__name__}; "
@@ -139,27 +155,131 @@ def as_loader(
 
 
 def is_batch_list(data: object) -> bool:
-    """Whether ``data`` is a list/tuple of ready-made ``(inputs, labels)`` batches."""
+    """Whether ``data`` is a list/tuple of ready-made batches, not a dataset of samples.
+
+    A batch is ``(inputs [B, ...], labels [B, ...])`` with inputs a tensor or
+    a dict of keyword inputs, or a HuggingFace-style dict holding
+    ``input_ids [B, T]``.
+    """
     if not isinstance(data, (list, tuple)) or not data:
         return False
     first = data[0]
     if isinstance(first, (list, tuple)) and len(first) == 2:
-        labels = first[1]
-        return isinstance(labels, torch.Tensor) and labels.dim() == 1 and isinstance(first[0], torch.Tensor)
-    return False
+        inputs, labels = first
+        if not isinstance(labels, torch.Tensor):
+            return False
+        if isinstance(inputs, Mapping):  # keyword inputs: batched when they hold [B, T] ids
+            return labels.dim() >= 1 and _holds_batch(inputs)
+        return isinstance(inputs, torch.Tensor) and labels.dim() == 1
+    return isinstance(first, Mapping) and any(k in first for k in _MODEL_KEYS) and _holds_batch(first)
+
+
+def _holds_batch(inputs: Mapping) -> bool:
+    """Whether a dict of model inputs holds batches (``[B, T]`` token ids), not one sample's ``[T]``."""
+    ids = next((inputs[k] for k in (*_MODEL_KEYS, *_INPUT_KEYS) if k in inputs), None)
+    return isinstance(ids, torch.Tensor) and ids.dim() >= 2
 
 
 def iterate_batches(
-    loader: Iterable, device: torch.device, batch_fn: BatchFn | None = None, *, channels_last: bool = False
+    loader: Iterable,
+    device: torch.device,
+    batch_fn: BatchFn | None = None,
+    *,
+    channels_last: bool = False,
+    what: str = "the data",
 ) -> Iterator[tuple[Any, torch.Tensor | None]]:
-    """Yield ``(x, y)`` from ``loader`` moved to ``device``."""
+    """Yield ``(x, y)`` from ``loader`` moved to ``device``, refusing batches no number can come from.
+
+    Every batch is checked before it is used: floating-point inputs and
+    labels must be finite, labels must be a tensor with one entry (or one row
+    of soft labels) per input.
+
+    Args:
+        loader: a DataLoader or any iterable of batches.
+        device: where the batches go.
+        batch_fn: maps a loader batch to ``(inputs, labels)``.
+        channels_last: 4-D inputs in the channels-last memory format.
+        what: names the data in errors (``"the held-out part of the training data"``).
+
+    Raises:
+        StitchError: a NaN or infinite value (naming ``what`` and the first
+            offending sample's index), labels that are not a tensor, or a batch
+            with more or fewer labels than inputs.
+    """
     non_blocking = device.type == "cuda"
-    for batch in loader:
+    seen = 0
+    for number, batch in enumerate(loader):
         x, y = split_batch(batch, batch_fn)
-        yield (
-            to_device(x, device, channels_last=channels_last),
-            (None if y is None else y.to(device, non_blocking=non_blocking)),
-        )
+        x = to_device(x, device, channels_last=channels_last)
+        if y is not None:
+            if not isinstance(y, torch.Tensor):
+                raise StitchError(
+                    f"{what}: labels must be a tensor of class indices (or of soft labels), got "
+                    f"{type(y).__name__}{_example(y)}; map them to integers first"
+                )
+            y = y.to(device, non_blocking=non_blocking)
+        rows = batch_rows(x)
+        if y is not None and rows is not None and (y.dim() == 0 or y.shape[0] != rows):
+            raise StitchError(
+                f"{what}: batch {number} has {rows} inputs but {0 if y.dim() == 0 else y.shape[0]} labels; "
+                "each input needs one label"
+            )
+        bad = _first_nonfinite_row(x, y)
+        if bad is not None:
+            where = _locate(loader, batch_fn, seen + bad, number, bad)
+            raise StitchError(f"{what} holds NaN or infinite values: {where}")
+        seen += rows or 0
+        yield x, y
+
+
+def batch_rows(x: Any) -> int | None:
+    """The batch size of a model input: the first dimension of its leading tensor (``None`` if it has none)."""
+    first = first_input_tensor(x)
+    return None if first is None or first.dim() == 0 else int(first.shape[0])
+
+
+def _example(y: Any) -> str:
+    if isinstance(y, (list, tuple)) and y:
+        return f" such as {y[0]!r}"
+    return ""
+
+
+def _first_nonfinite_row(x: Any, y: torch.Tensor | None) -> int | None:
+    """The first row of the batch with a NaN or infinite float, or ``None``."""
+    tensors = [x] if isinstance(x, torch.Tensor) else list(x.values() if isinstance(x, dict) else x)
+    tensors.append(y)
+    bad = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and not bool(torch.isfinite(t).all()):
+            rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()
+            first = int(rows[0])
+            bad = first if bad is None else min(bad, first)
+    return bad
+
+
+def _locate(loader: Iterable, batch_fn: BatchFn | None, position: int, number: int, row: int) -> str:
+    """Name the offending sample by its index in the data, as far as the loader allows."""
+    dataset = getattr(loader, "dataset", None)
+    sequential = (
+        isinstance(loader, (list, tuple))
+        or isinstance(getattr(loader, "sampler", None), SequentialSampler)
+        or getattr(loader, "shuffle", None) is False  # a TensorImages loader
+    )
+    if not sequential:  # a shuffled pass: read the data once more, in order
+        position, seen = -1, 0
+        for batch in [] if dataset is None else as_loader(dataset, batch_size=256, shuffle=False):
+            x, y = split_batch(batch, batch_fn)
+            bad = _first_nonfinite_row(x, y)
+            if bad is not None:
+                position = seen + bad
+                break
+            seen += batch_rows(x) or 0
+        if position < 0:  # no dataset to read in order, or the values come from augmentation
+            return f"batch {number}, row {row} of a shuffled pass"
+    where = f"sample {position}"
+    if isinstance(dataset, Subset):
+        where += f" (index {dataset.indices[position]} of the dataset it was split from)"
+    return where + "; remove or repair it"
 
 
 def to_device(x: Any, device: torch.device, *, channels_last: bool = False) -> Any:

@@ -55,8 +55,11 @@ def save_checkpoint(
         ``path`` as a `pathlib.Path`.
 
     Raises:
-        StitchError: a value in the state dict is not a tensor, or
-            ``metadata`` cannot be written as JSON.
+        StitchError: a value in the state dict is not a tensor,
+            ``metadata`` cannot be written as JSON, or the file cannot be
+            written (a full disk, a read-only folder: the message names the
+            file and the reason; ``path`` is left as it was and no temporary
+            file remains).
 
     Examples:
         >>> import tempfile, pathlib

@@ -14,6 +14,7 @@ __all__ = [
     "OutputSelector",
     "call_model",
     "call_model_capturing_input",
+    "first_input_tensor",
     "match_dtype",
     "replace_output",
     "select_output",
@@ -45,6 +46,11 @@ def select_output(output: Any, selector: OutputSelector = None, *, layer: str = 
         picked = selector(output)
     elif selector is None:
         picked = _first_tensor(output)
+    elif isinstance(output, torch.Tensor):
+        raise StitchError(
+            f"layer {layer!r} returns one tensor, so there is nothing for output={selector!r} to select (indexing "
+            "the tensor would pick from the batch); drop the selector"
+        )
     else:
         try:
             picked = output[selector]
@@ -107,7 +113,10 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs.
 
     Floating-point inputs are cast to the model's parameter dtype (see
-    `match_dtype`), so networks of different precisions share one batch.
+    `match_dtype`), so networks of different precisions share one batch. A
+    HuggingFace model called with a dict runs with ``use_cache=False`` (unless
+    the dict says otherwise): stitching never generates, and a key/value cache
+    would be filled and thrown away on every call.
 
     Raises:
         StitchError: ``inputs`` is a list (often ``[images, labels]`` from a
@@ -117,6 +126,9 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple):
         return model(*inputs)
     if isinstance(inputs, dict):
+        _check_vocabulary(model, inputs)
+        if getattr(getattr(model, "config", None), "use_cache", None) and "use_cache" not in inputs:
+            inputs = {**inputs, "use_cache": False}  # a HuggingFace model: no key/value cache to fill and drop
         return model(**inputs)
     if isinstance(inputs, list):
         raise StitchError(
@@ -126,16 +138,49 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def _check_vocabulary(model: nn.Module, inputs: dict) -> None:
+    """Refuse token ids that ``model``'s input embedding cannot index (a HuggingFace ``get_input_embeddings``)."""
+    ids = inputs.get("input_ids")
+    embeddings = getattr(model, "get_input_embeddings", None)
+    if not isinstance(ids, torch.Tensor) or ids.numel() == 0 or not callable(embeddings):
+        return
+    try:
+        table = embeddings()
+    except Exception:  # a model's own method: anything it raises means "no embedding to check against"
+        return
+    size = getattr(table, "num_embeddings", None)
+    if size is None:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= size:
+        raise StitchError(
+            f"{type(model).__name__} embeds token ids 0..{size - 1}, but the input_ids range from {low} to {high}: "
+            "both networks must read the same token ids (the same tokenizer, a vocabulary each can index)"
+        )
+
+
 def call_model_capturing_input(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Call ``model`` and return the tensor that counts as its ``"input"``."""
     call_model(model, inputs)
-    if isinstance(inputs, torch.Tensor):
-        return inputs
-    values = inputs if isinstance(inputs, tuple) else tuple(inputs.values()) if isinstance(inputs, dict) else ()
-    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    first = first_input_tensor(inputs)
     if first is None:
         raise StitchError(f"example_input must be a tensor, or a tuple/dict holding one; got {type(inputs).__name__}")
     return first
+
+
+def first_input_tensor(inputs: Any) -> torch.Tensor | None:
+    """The tensor that leads a model input: the tensor itself, or the first tensor of a tuple or dict.
+
+    Its first dimension is the batch; it is what ``"input"`` captures.
+
+    Examples:
+        >>> first_input_tensor({"input_ids": torch.zeros(2, 5), "attention_mask": None}).shape
+        torch.Size([2, 5])
+    """
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    values = inputs if isinstance(inputs, tuple) else tuple(inputs.values()) if isinstance(inputs, dict) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
 def match_dtype(inputs: Any, model: nn.Module) -> Any:

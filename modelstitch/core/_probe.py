@@ -48,18 +48,23 @@ def layer_specs(
         [('input', (3, 9, 9)), ('0', (8, 4, 4)), ('1', (128,))]
     """
     wanted = None if layers is None else {str(parse_address(model, layer)) for layer in layers}
+    named = None if wanted is None else {parse_address(model, key).name for key in wanted}
     seen: list[tuple[str, int, torch.Tensor]] = []
     calls: dict[str, int] = {}
+    refused: dict[str, StitchError] = {}  # why a layer's output gave no tensor
     handles = []
 
     def record(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             call = calls.get(name, 0)
             calls[name] = call + 1
+            if named is not None and name not in named:
+                return
             sel = output.get(name) if isinstance(output, Mapping) else output
             try:
                 tensor = select_output(out, sel, layer=name)
-            except StitchError:
+            except StitchError as err:
+                refused[name] = err
                 return
             seen.append((name, call, tensor))
 
@@ -74,9 +79,12 @@ def layer_specs(
         finally:
             for handle in reversed(handles):
                 handle.remove()
+    batch = inputs.shape[0] if inputs.dim() else None
     specs = [ActivationSpec(INPUT, tuple(inputs.shape[1:]), inputs.dtype, 1)]
+    shapes: dict[str, tuple[int, ...]] = {}
     for name, call, tensor in seen:
         address = name if calls[name] == 1 else f"{name}:{call}"
+        shapes[address] = tuple(tensor.shape)
         specs.append(ActivationSpec(address, tuple(tensor.shape[1:]), tensor.dtype, calls[name]))
     if wanted is None:
         return specs
@@ -88,5 +96,15 @@ def layer_specs(
             raise repeated_call_error(address.name, count)
         if address.call is not None and count <= address.call:
             raise missing_call_error(address, count)
+        if address.name in refused:
+            raise refused[address.name]
         raise StitchError(f"layer {key!r} did not produce a tensor when {type(model).__name__} ran")
+    for key in sorted(wanted - {INPUT}):
+        shape = shapes[key]
+        if batch is not None and (not shape or shape[0] != batch):
+            raise StitchError(
+                f"layer {key!r} gives a tensor of shape {shape} for example_input's batch of {batch}; a stitchable "
+                "layer output has the batch first (a selector that indexes the batch, or a layer that folds "
+                "[B, T, C] into [B*T, C]?): stitch at a layer that keeps the batch first"
+            )
     return [s for s in specs if s.name in wanted]

@@ -101,7 +101,7 @@ def compare_layers(
     seen = 0
     loader = as_loader(data, batch_size=batch_size, shuffle=False)
     with frozen(sender, receiver):
-        for x, _ in iterate_batches(loader, dev, batch_fn):
+        for x, _ in iterate_batches(loader, dev, batch_fn, what="the data the measures read"):
             acts_a = activations(sender, x, list(sender_layers))
             acts_b = activations(receiver, x, list(receiver_layers))
             feats_a = [acts_a[layer] for layer in sender_layers]

@@ -6,9 +6,20 @@ receiver into a `StitchedModel`; `LeastSquares`/`fit_least_squares` give a
 linear stitch its closed-form initialisation.
 """
 
-from ._lstsq import LeastSquares, fit_least_squares
-from ._modules import STITCH_KINDS, MapToTokens, Resize, Stitch, TokenBatchNorm, TokenResample, TokensToMap, make_stitch
+from ._lstsq import LeastSquares, fit_least_squares, fit_least_squares_all
+from ._modules import (
+    STITCH_KINDS,
+    MapToTokens,
+    Resize,
+    Stitch,
+    TokenBatchNorm,
+    TokenResample,
+    TokensToMap,
+    identity_,
+    make_stitch,
+)
 from ._stitched import StitchedModel, assemble, stitch
+from ._tokens import TokenLayout, token_layout
 
 __all__ = [
     "STITCH_KINDS",
@@ -18,10 +29,14 @@ __all__ = [
     "Stitch",
     "StitchedModel",
     "TokenBatchNorm",
+    "TokenLayout",
     "TokenResample",
     "TokensToMap",
     "assemble",
     "fit_least_squares",
+    "fit_least_squares_all",
+    "identity_",
     "make_stitch",
     "stitch",
+    "token_layout",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,13 +12,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._errors import StitchError
-from ..core import BatchFn, as_loader, iterate_batches, resolve_device
+from ..core import BatchFn, Positions, as_loader, iterate_batches, position_mask, prefix_outputs, resolve_device
 from ._modules import Stitch
 
 if TYPE_CHECKING:
     from ._stitched import StitchedModel
 
-__all__ = ["LeastSquares", "fit_least_squares"]
+__all__ = ["LeastSquares", "fit_least_squares", "fit_least_squares_all"]
 
 
 class LeastSquares:
@@ -82,9 +84,16 @@ class LeastSquares:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         return x.double(), y.double()
 
-    def update(self, provided: torch.Tensor, expected: torch.Tensor) -> None:
-        """Add a batch: ``provided`` ``[B, *stitch.provided]``, ``expected`` ``[B, *stitch.expected]``."""
+    def update(self, provided: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add a batch: ``provided`` ``[B, *stitch.provided]``, ``expected`` ``[B, *stitch.expected]``.
+
+        ``mask`` ``[B, T]`` (bool, see `position_mask`) keeps only those positions' rows of a
+        tokens-to-tokens stitch whose core sees the positions one to one.
+        """
         x, y = self.design(provided, expected)
+        if mask is not None and self.stitch.core_layout == "tokens" and x.shape[0] == y.shape[0] == mask.numel():
+            keep = mask.reshape(-1).to(x.device)
+            x, y = x[keep], y[keep]
         repeats = self.stitch.upsample**2  # each row of an upsampled input stands for f² rows
         if self.xtx is None:
             self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
@@ -149,15 +158,85 @@ def fit_least_squares(
 
     Returns:
         The number of regression rows used (samples times positions).
+
+    Raises:
+        StitchError: the stitch is not linear, or the data or activations are not finite.
     """
-    dev = next(stitched.stitch.parameters()).device if device is None else resolve_device(device)
-    stitched.to(dev)
-    fit = LeastSquares(stitched.stitch)
-    loader = as_loader(data, batch_size=batch_size, shuffle=False, what="init_data")
-    with stitched.frozen():
-        for i, (x, _) in enumerate(tqdm(iterate_batches(loader, dev, batch_fn), disable=not progress, leave=False)):
+    LeastSquares(stitched.stitch)  # refuses a stitch that is not linear, before any data is read
+    dev = next(stitched.stitch.parameters()).device if device is None else device
+    return fit_least_squares_all(
+        [stitched],
+        data,
+        ridge=ridge,
+        batch_fn=batch_fn,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        device=dev,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def fit_least_squares_all(
+    models: Sequence[StitchedModel],
+    data: Any,
+    *,
+    ridge: float = 1e-4,
+    batch_fn: BatchFn | None = None,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+    what: str = "the least-squares data",
+    positions: Positions | None = None,
+) -> int:
+    """Set every linear stitch to its least-squares map, streaming ``data`` once for all of them.
+
+    `fit_least_squares` for many cells at once: each batch runs every sender
+    and receiver once for all the layers the cells need (`prefix_outputs`, as
+    training does), and each stitch accumulates its own normal equations in
+    float64 (`LeastSquares`). Stitches of other kinds are left as they are.
+
+    Args:
+        models: stitched models, e.g. every cell of a pair.
+        data: Dataset, DataLoader or iterable of batches (labels are ignored).
+        ridge: relative ridge penalty (see `LeastSquares.solve`).
+        batch_fn: maps a loader batch to ``(inputs, labels)``.
+        batch_size: batch size when ``data`` is a Dataset.
+        max_batches: stop after this many batches.
+        device: where to run.
+        progress: show a progress bar.
+        what: names the data in errors.
+        positions: which token positions enter the fit besides unpadded
+            ones (see `Positions`); padding never does.
+
+    Returns:
+        The number of regression rows of the first fitted stitch (0 if none is linear).
+    """
+    linear = [m for m in models if m.stitch.linear is not None]
+    if not linear:
+        return 0
+    dev = resolve_device(device)
+    for m in linear:
+        m.to(dev)
+    fits = [LeastSquares(m.stitch) for m in linear]
+    senders = list({m.sender_prefix.key: m.sender_prefix for m in linear}.values())
+    receivers = list({m.receiver_prefix.key: m.receiver_prefix for m in linear}.values())
+    loader = as_loader(data, batch_size=batch_size, shuffle=False, what="least-squares data")
+    batches = iterate_batches(loader, dev, batch_fn, what=what)
+    with contextlib.ExitStack() as stack:
+        for m in linear:
+            stack.enter_context(m.frozen())
+        for i, (x, _) in enumerate(tqdm(batches, desc="lstsq", disable=not progress, leave=False)):
             if max_batches is not None and i >= max_batches:
                 break
-            fit.update(stitched.provided_representation(x).float(), stitched.expected_representation(x).float())
-    fit.solve(ridge)
-    return fit.rows
+            reps = prefix_outputs(senders, x)
+            with torch.autocast(device_type=dev.type, enabled=False):  # targets in full precision
+                reps.update(prefix_outputs(receivers, x))
+            for fit, m in zip(fits, linear):
+                provided, expected = reps[m.sender_prefix.key].float(), reps[m.receiver_prefix.key].float()
+                fit.update(provided, expected, position_mask(x, [expected, provided], positions))
+    for fit, m in zip(fits, linear):
+        fit.solve(ridge)
+        m.init = "lstsq"  # fitted: a later train_stitch starts from here
+    return fits[0].rows

@@ -23,8 +23,9 @@ from torch import nn
 
 from .._errors import StitchError
 from ..core import ActivationSpec, layout_of
+from ._tokens import TokenLayout
 
-__all__ = ["STITCH_KINDS", "Stitch", "make_stitch"]
+__all__ = ["STITCH_KINDS", "Stitch", "identity_", "make_stitch"]
 
 #: Accepted values of ``make_stitch(kind=...)``; ``"auto"`` is ``"linear"``.
 STITCH_KINDS: tuple[str, ...] = ("auto", "linear", "bn", "lowrank", "mlp")
@@ -48,58 +49,91 @@ class Resize(nn.Module):
         return f"size={self.size}, mode='bilinear', align_corners=False"
 
 
-class TokenResample(nn.Module):
-    """Resample ``[B, p + g*g, D]`` tokens to ``[B, p' + g'*g', D]``.
+Grid = tuple[int, int]
 
-    The ``g*g`` patch tokens (after the ``p`` leading prefix tokens) are laid
-    out as a ``g x g`` grid, resized bilinearly to ``g' x g'`` and flattened
-    back. If ``p == p'`` the prefix tokens are kept; otherwise each of the
-    ``p'`` output prefix tokens is the mean of the input's patch tokens.
+
+def _pair(grid: int | Sequence[int]) -> Grid:
+    """``g`` -> ``(g, g)``; ``(gh, gw)`` -> ``(gh, gw)``."""
+    if isinstance(grid, Sequence):
+        gh, gw = grid
+        return int(gh), int(gw)
+    return int(grid), int(grid)
+
+
+def _shown(grid: Grid) -> str:
+    return f"{grid[0]}x{grid[1]}"
+
+
+class TokenResample(nn.Module):
+    """Resample ``[B, p + gh*gw, D]`` tokens to ``[B, p' + gh'*gw', D]``.
+
+    The ``gh*gw`` patch tokens (after the ``p`` leading prefix tokens) are laid
+    out row-major as a ``gh x gw`` grid, resized bilinearly to ``gh' x gw'``
+    and flattened back. If ``p == p'`` the prefix tokens are kept; otherwise
+    each of the ``p'`` output prefix tokens is the mean of the input's patch
+    tokens. A grid is ``(gh, gw)``, or one int ``g`` for a square ``g x g``.
+
+    Examples:
+        >>> TokenResample(1, (4, 6), 1, 7)(torch.randn(2, 25, 8)).shape
+        torch.Size([2, 50, 8])
     """
 
-    def __init__(self, prefix_in: int, grid_in: int, prefix_out: int, grid_out: int) -> None:
+    def __init__(
+        self, prefix_in: int, grid_in: int | tuple[int, int], prefix_out: int, grid_out: int | tuple[int, int]
+    ) -> None:
         super().__init__()
-        self.prefix_in, self.grid_in, self.prefix_out, self.grid_out = prefix_in, grid_in, prefix_out, grid_out
+        self.prefix_in, self.prefix_out = prefix_in, prefix_out
+        self.grid_in, self.grid_out = _pair(grid_in), _pair(grid_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prefix, patches = x[:, : self.prefix_in], x[:, self.prefix_in :]
         out = patches
         if self.grid_in != self.grid_out:
-            grid = rearrange(patches, "b (h w) d -> b d h w", h=self.grid_in)
-            grid = F.interpolate(grid, size=(self.grid_out,) * 2, mode="bilinear", align_corners=False)
+            grid = rearrange(patches, "b (h w) d -> b d h w", h=self.grid_in[0], w=self.grid_in[1])
+            grid = F.interpolate(grid, size=self.grid_out, mode="bilinear", align_corners=False)
             out = rearrange(grid, "b d h w -> b (h w) d")
         if self.prefix_in != self.prefix_out:
             prefix = patches.mean(dim=1, keepdim=True).expand(-1, self.prefix_out, -1)
         return torch.cat([prefix, out], dim=1)
 
     def extra_repr(self) -> str:
-        g, g2 = self.grid_in, self.grid_out
-        return f"prefix {self.prefix_in} + {g}x{g} grid -> prefix {self.prefix_out} + {g2}x{g2} grid"
+        return (
+            f"prefix {self.prefix_in} + {_shown(self.grid_in)} grid -> "
+            f"prefix {self.prefix_out} + {_shown(self.grid_out)} grid"
+        )
 
 
 class TokensToMap(nn.Module):
-    """Drop ``p`` prefix tokens and lay out the rest: ``[B, p + g*g, D] -> [B, D, g, g]``."""
+    """Drop ``p`` prefix tokens and lay out the rest row-major: ``[B, p + gh*gw, D] -> [B, D, gh, gw]``.
 
-    def __init__(self, prefix: int, grid: int) -> None:
+    ``grid`` is ``(gh, gw)``, or one int ``g`` for a square ``g x g`` grid.
+
+    Examples:
+        >>> TokensToMap(1, (4, 6))(torch.randn(2, 25, 8)).shape
+        torch.Size([2, 8, 4, 6])
+    """
+
+    def __init__(self, prefix: int, grid: int | tuple[int, int]) -> None:
         super().__init__()
-        self.prefix, self.grid = prefix, grid
+        self.prefix, self.grid = prefix, _pair(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(x[:, self.prefix :], "b (h w) d -> b d h w", h=self.grid)
+        return rearrange(x[:, self.prefix :], "b (h w) d -> b d h w", h=self.grid[0], w=self.grid[1])
 
     def extra_repr(self) -> str:
-        return f"drop {self.prefix} prefix tokens, grid={self.grid}x{self.grid}"
+        return f"drop {self.prefix} prefix tokens, grid={_shown(self.grid)}"
 
 
 class MapToTokens(nn.Module):
-    """Flatten a map into tokens and prepend ``p`` prefix tokens equal to their mean.
+    """Flatten a map into tokens (row-major) and prepend ``p`` prefix tokens equal to their mean.
 
-    ``[B, D, g, g] -> [B, p + g*g, D]``; `inverse` undoes it (dropping the prefix).
+    ``[B, D, gh, gw] -> [B, p + gh*gw, D]``; `inverse` undoes it (dropping the
+    prefix). ``grid`` is ``(gh, gw)``, or one int ``g`` for a square grid.
     """
 
-    def __init__(self, prefix: int, grid: int) -> None:
+    def __init__(self, prefix: int, grid: int | tuple[int, int]) -> None:
         super().__init__()
-        self.prefix, self.grid = prefix, grid
+        self.prefix, self.grid = prefix, _pair(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = rearrange(x, "b d h w -> b (h w) d")
@@ -107,11 +141,11 @@ class MapToTokens(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, p + g*g, D] -> [B, D, g, g]``: the patch tokens as a map."""
-        return rearrange(y[:, self.prefix :], "b (h w) d -> b d h w", h=self.grid)
+        """``[B, p + gh*gw, D] -> [B, D, gh, gw]``: the patch tokens as a map."""
+        return rearrange(y[:, self.prefix :], "b (h w) d -> b d h w", h=self.grid[0], w=self.grid[1])
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}x{self.grid}, prepend {self.prefix} mean tokens"
+        return f"grid={_shown(self.grid)}, prepend {self.prefix} mean tokens"
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -249,29 +283,64 @@ def _spatial(hw: tuple[int, int], hw_out: tuple[int, int]) -> tuple[list[nn.Modu
     return [Resize((h2, w2))], 1
 
 
-def _grid(n: int, prefix: int | None, fail: Callable[[str], StitchError], side: str) -> tuple[int, int]:
-    """Split ``n`` tokens into (prefix count, grid side) with ``n == prefix + grid**2``."""
+def _grid(
+    n: int, prefix: int | None, grid: Grid | None, fail: Callable[[str], StitchError], side: str
+) -> tuple[int, Grid]:
+    """Split ``n`` tokens into (prefix count, (gh, gw)) with ``n == prefix + gh * gw``.
+
+    A known ``grid`` fixes the patch count (and the prefix, ``n - gh * gw``,
+    unless ``prefix`` is given too); without one the grid must be square.
+    """
+    if grid is not None:
+        gh, gw = grid
+        p = n - gh * gw if prefix is None else prefix
+        if p < 0 or p + gh * gw != n:
+            made = (
+                f"num_prefix_tokens={p} plus token_grid={gh}x{gw} ({gh * gw} patch tokens) make {p + gh * gw}"
+                if prefix is not None
+                else f"token_grid={gh}x{gw} has {gh * gw} patch tokens, more than {n}"
+            )
+            raise fail(
+                f"the {side} has {n} tokens, but {made}; pass token_grid=(gh, gw) and num_prefix_tokens=p "
+                f"with gh*gw + p = {n}"
+            )
+        return p, (gh, gw)
     p = n - math.isqrt(n) ** 2 if prefix is None else prefix
     g = math.isqrt(max(n - p, 0))
     if p > n or g == 0 or g * g != n - p:
         raise fail(
             f"the {side} has {n} tokens and {p} prefix tokens, so its {n - p} patch tokens do not form a "
-            "square grid; pass num_prefix_tokens=(p_in, p_out) so that N - p is a square, or pool to a vector"
+            f"square grid; pass token_grid=(gh, gw) with gh*gw = {n - p} for a rectangular patch grid, "
+            "num_prefix_tokens=(p_in, p_out) so that N - p is a square, or pool to a vector"
         )
-    return p, g
+    return p, (g, g)
 
 
 def _plan(
-    src: Shape, dst: Shape, pool: str, prefix: tuple[int | None, int | None], fail: Callable[[str], StitchError]
+    src: Shape,
+    dst: Shape,
+    pool: str,
+    prefix: tuple[int | None, int | None],
+    grid: tuple[Grid | None, Grid | None],
+    fail: Callable[[str], StitchError],
+    given_prefix: tuple[int | None, int | None],
 ) -> tuple[list[nn.Module], CoreLayout, int, int, int, nn.Module]:
-    """Per layout pair: (pre modules, core layout, core in, core out, kernel, post)."""
+    """Per layout pair: (pre modules, core layout, core in, core out, kernel, post).
+
+    ``prefix``/``grid`` merge the options with the reported layouts (already checked against the token
+    counts); ``given_prefix`` is ``num_prefix_tokens`` alone.
+    """
     a, b = layout_of(src), layout_of(dst)
     if a == "tokens" and b == "tokens":
         (n, d), (n2, d2) = src, dst
         pre: list[nn.Module] = []
-        if n != n2 or prefix[0] != prefix[1]:
-            p, g = _grid(n, prefix[0], fail, "provided side")
-            p2, g2 = _grid(n2, prefix[1], fail, "expected side")
+        # equal token counts keep their layout unless num_prefix_tokens differs or both grids are known and differ
+        regrid = None not in grid and (
+            _grid(n, prefix[0], grid[0], fail, "provided side") != _grid(n2, prefix[1], grid[1], fail, "expected side")
+        )
+        if n != n2 or given_prefix[0] != given_prefix[1] or regrid:
+            p, g = _grid(n, prefix[0], grid[0], fail, "provided side")
+            p2, g2 = _grid(n2, prefix[1], grid[1], fail, "expected side")
             if (p, g) != (p2, g2):
                 pre = [TokenResample(p, g, p2, g2)]
         return pre, "tokens", d, d2, 1, nn.Identity()
@@ -284,15 +353,16 @@ def _plan(
         return [reduce], "vector", src[0] if a == "map" else src[1], dst[0], 1, nn.Identity()
     if a == "vector":
         return [], "vector", src[0], math.prod(dst), 1, nn.Unflatten(1, dst)
-    pre, c_in, hw = [], src[0], tuple(src[1:])
     if a == "tokens":
-        p, g = _grid(src[0], prefix[0], fail, "provided side")
-        pre, c_in, hw = [TokensToMap(p, g)], src[1], (g, g)
+        p, hw = _grid(src[0], prefix[0], grid[0], fail, "provided side")
+        pre, c_in = [TokensToMap(p, hw)], src[1]
+    else:
+        pre, c_in, hw = [], src[0], (src[1], src[2])
     if b == "map":
-        spatial, k = _spatial(hw, dst[1:])
+        spatial, k = _spatial(hw, (dst[1], dst[2]))
         return pre + spatial, "map", c_in, dst[0], k, nn.Identity()
-    p2, g2 = _grid(dst[0], prefix[1], fail, "expected side")
-    spatial, k = _spatial(hw, (g2, g2))
+    p2, g2 = _grid(dst[0], prefix[1], grid[1], fail, "expected side")
+    spatial, k = _spatial(hw, g2)
     return pre + spatial, "map", c_in, dst[1], k, MapToTokens(p2, g2)
 
 
@@ -333,6 +403,62 @@ def _is_count(x: object, low: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
+def _is_grid(x: object) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2 and all(_is_count(s, 1) for s in x)
+
+
+def _token_sides(
+    src: Shape,
+    dst: Shape,
+    prefix: tuple[int | None, int | None],
+    token_grid: object,
+    token_layouts: object,
+    fail: Callable[[str], StitchError],
+) -> tuple[tuple[int | None, int | None], tuple[Grid | None, Grid | None]]:
+    """Validate ``token_grid``/``token_layouts`` and merge them with ``prefix``: (prefixes, grids) per side."""
+    if token_grid is None:
+        grids: list[Grid | None] = [None, None]
+    elif _is_grid(token_grid):
+        grids = [_pair(token_grid), _pair(token_grid)]  # type: ignore[arg-type]
+    elif (
+        isinstance(token_grid, (tuple, list))
+        and len(token_grid) == 2
+        and all(g is None or _is_grid(g) for g in token_grid)
+    ):
+        grids = [None if g is None else _pair(g) for g in token_grid]
+    else:
+        raise fail(
+            f"token_grid={token_grid!r} must be None, a pair (gh, gw) of ints >= 1 (both token sides) or a pair "
+            "((gh, gw) | None, (gh, gw) | None) (the provided and expected sides)"
+        )
+    layouts = (None, None) if token_layouts is None else token_layouts
+
+    def is_layout(x: object) -> bool:
+        return isinstance(x, (tuple, list)) and len(x) == 2 and _is_count(x[0], 0) and _is_grid(x[1])
+
+    if (
+        not isinstance(layouts, (tuple, list))
+        or len(layouts) != 2
+        or not all(x is None or is_layout(x) for x in layouts)
+    ):
+        raise fail(
+            f"token_layouts={token_layouts!r} must be None or a pair of (p, (gh, gw)) | None for the provided "
+            "and expected sides, as `token_layout` returns them"
+        )
+    prefixes = list(prefix)
+    for i, (shape, side) in enumerate(((src, "provided side"), (dst, "expected side"))):
+        if layout_of(shape) != "tokens":
+            continue
+        reported = layouts[i]
+        if reported is not None:
+            p, g = reported[0], _pair(reported[1])
+            if p + g[0] * g[1] == shape[0] and prefixes[i] in (None, p) and grids[i] in (None, g):
+                prefixes[i], grids[i] = p, g
+        if grids[i] is not None:  # a given grid must fit its side even where no grid is needed
+            _grid(shape[0], prefixes[i], grids[i], fail, side)
+    return (prefixes[0], prefixes[1]), (grids[0], grids[1])
+
+
 def make_stitch(
     provided: ActivationSpec | Sequence[int],
     expected: ActivationSpec | Sequence[int],
@@ -342,7 +468,9 @@ def make_stitch(
     rank: int | None = None,
     hidden: int | None = None,
     pool: str = "avg",
-    num_prefix_tokens: int | tuple[int, int] | None = None,
+    num_prefix_tokens: int | tuple[int | None, int | None] | None = None,
+    token_grid: tuple[int, int] | tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None,
+    token_layouts: tuple[TokenLayout | None, TokenLayout | None] | None = None,
 ) -> Stitch:
     """Build a stitch mapping ``[B, *provided]`` to exactly ``[B, *expected]``.
 
@@ -355,12 +483,20 @@ def make_stitch(
         torch.Size([2, 197, 192])
         >>> make_stitch((197, 192), (10,), kind="lowrank", rank=4)(torch.randn(2, 197, 192)).shape
         torch.Size([2, 10])
+        >>> make_stitch((25, 192), (4, 32, 48), token_grid=(4, 6)).pre  # 1 class token + 4x6 patches
+        Sequential(
+          (0): TokensToMap(drop 1 prefix tokens, grid=4x6)
+          (1): Upsample(scale_factor=8.0, mode='nearest')
+        )
 
     Layouts: ``[D]`` vector, ``[N, D]`` tokens, ``[C, H, W]`` map. Maps are
     matched spatially by a ``k x k`` stride-``k`` conv (integer downsampling),
     nearest upsampling by an integer factor, or a bilinear resize (any other
-    ratio). Tokens are ``p`` prefix (class/register) tokens followed by a
-    square grid of patch tokens; ``p`` defaults to ``N - floor(sqrt(N))**2``.
+    ratio). Tokens ``[N, D]`` are ``p`` prefix (class/register) tokens
+    followed by a ``gh x gw`` grid of patch tokens (row-major). Unless told
+    (``num_prefix_tokens``, ``token_grid``, ``token_layouts``) the grid is
+    square and ``p = N - floor(sqrt(N))**2``; given a grid, ``p`` defaults to
+    ``N - gh*gw``. A token side is only split when a grid is needed.
 
     Args:
         provided: the sender layer's `ActivationSpec` or per-sample shape.
@@ -376,7 +512,18 @@ def make_stitch(
         pool: how a map or tokens become a vector: ``"avg"`` (mean over
             positions/tokens) or ``"flatten"``.
         num_prefix_tokens: prefix tokens of both token sides (an int), or of
-            the provided and expected sides (a pair); ignored for non-token sides.
+            the provided and expected sides (a pair, ``None`` for unknown);
+            ignored for non-token sides.
+        token_grid: the patch grid ``(gh, gw)`` of both token sides, or a pair
+            ``((gh, gw) | None, (gh, gw) | None)`` for the provided and
+            expected sides; ignored for non-token sides. A given grid must
+            fit its side: ``gh*gw + p == N``.
+        token_layouts: what the networks report, ``(p, (gh, gw)) | None`` for
+            the provided and expected sides (see `token_layout`; `stitch`
+            passes them). Unlike the two options above, a reported layout is
+            only a hint: it is used for a side that is ``[N, D]`` tokens with
+            ``N == p + gh*gw`` and that agrees with ``num_prefix_tokens`` and
+            ``token_grid`` where those are given; otherwise it is ignored.
 
     Returns:
         The `Stitch`, with PyTorch's default dtype and on the CPU.
@@ -420,8 +567,9 @@ def make_stitch(
     prefix = num_prefix_tokens if isinstance(num_prefix_tokens, (tuple, list)) else (num_prefix_tokens,) * 2
     if len(prefix) != 2 or not all(p is None or _is_count(p, 0) for p in prefix):
         raise fail(f"num_prefix_tokens={num_prefix_tokens!r} must be None, an int >= 0 or a pair (p_in, p_out)")
+    prefixes, grids = _token_sides(src, dst, (prefix[0], prefix[1]), token_grid, token_layouts, fail)
 
-    pre, layout, c_in, c_out, k, post = _plan(src, dst, pool, (prefix[0], prefix[1]), fail)
+    pre, layout, c_in, c_out, k, post = _plan(src, dst, pool, prefixes, grids, fail, (prefix[0], prefix[1]))
     width = max(c_in, c_out) if hidden is None else hidden
     if kind == "lowrank":
         if not _is_count(rank, 1) or rank > min(c_in, c_out):
@@ -436,17 +584,50 @@ def make_stitch(
     if init == "identity" and c_in != c_out:
         raise fail(f"init='identity' needs equal channel counts, but the core maps {c_in} -> {c_out}; {instead}")
     core = _core(kind, layout, c_in, c_out, k, width)
-    if init == "identity":
-        with torch.no_grad():
-            core.weight.zero_()
-            core.bias.zero_()
-            idx = torch.arange(c_in)
-            core.weight[idx, idx] = 1.0 / (k * k)
     pre_module = nn.Identity() if not pre else pre[0] if len(pre) == 1 else nn.Sequential(*pre)
     # a nearest upsampling commutes with a pointwise core (1x1 convs, ReLU; not BatchNorm, whose running
     # statistics count pixels): run it after the core when that upsamples fewer channels
     late = bool(pre) and isinstance(pre[-1], nn.Upsample) and kind != "bn" and c_out <= c_in
-    return Stitch(
+    stitch = Stitch(
         pre_module, core, post, provided=src, expected=dst, kind=kind, core_layout=layout, kernel=k,
         upsample_after_core=late,
     )  # fmt: skip
+    if init == "identity":
+        identity_(stitch)
+    return stitch
+
+
+def identity_(stitch: nn.Module) -> bool:
+    """Set a linear stitch's core to the identity map, in place, where its shapes allow it.
+
+    The core's weight becomes the identity on channels (divided by ``k²`` for a
+    ``k x k`` stride-``k`` convolution, which then averages each patch), its
+    bias zero.
+
+    Args:
+        stitch: a `Stitch`.
+
+    Returns:
+        Whether the core was set: ``False`` for a stitch that is not linear, or
+        whose core maps a different number of channels in than out.
+
+    Examples:
+        >>> from modelstitch.stitches import make_stitch
+        >>> s = make_stitch((4, 8, 8), (4, 8, 8))
+        >>> identity_(s), bool(torch.allclose(s(torch.ones(1, 4, 8, 8)), torch.ones(1, 4, 8, 8)))
+        (True, True)
+    """
+    core = getattr(stitch, "linear", None)
+    if core is None:
+        return False
+    c_out, c_in = core.weight.shape[:2]
+    if c_in != c_out:
+        return False
+    k = core.weight.shape[-1] if core.weight.dim() == 4 else 1
+    with torch.no_grad():
+        core.weight.zero_()
+        if core.bias is not None:
+            core.bias.zero_()
+        index = torch.arange(c_in)
+        core.weight[index, index] = 1.0 / (k * k)
+    return True

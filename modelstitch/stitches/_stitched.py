@@ -25,6 +25,7 @@ from ..core import (
 )
 from ._lstsq import fit_least_squares
 from ._modules import Stitch, make_stitch
+from ._tokens import token_layout
 
 __all__ = ["StitchedModel", "assemble", "stitch"]
 
@@ -48,6 +49,9 @@ class StitchedModel(nn.Module):
         sender_prefix: `Prefix` of the sender (stops after the sender layer).
         receiver_prefix: `Prefix` of the receiver (gives the expected representation).
         receiver_suffix: `Suffix` of the receiver (``method`` says how it runs).
+        init: how the stitch started: ``"random"``, ``"identity"`` or
+            ``"lstsq"``; ``"auto"`` until `train_stitch` starts it as its
+            recipe says (``Recipe.init``).
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class StitchedModel(nn.Module):
         sender_prefix: Prefix,
         receiver_prefix: Prefix,
         receiver_suffix: Suffix,
+        init: str = "random",
     ) -> None:
         super().__init__()
         self.sender = sender
@@ -71,6 +76,7 @@ class StitchedModel(nn.Module):
         self.sender_prefix = sender_prefix
         self.receiver_prefix = receiver_prefix
         self.receiver_suffix = receiver_suffix
+        self.init = init
         self._frozen_depth = 0
 
     @property
@@ -199,7 +205,7 @@ def stitch(
     *,
     example_input: Any,
     kind: str = "auto",
-    init: str = "random",
+    init: str = "auto",
     init_data: Any = None,
     sender_output: OutputSelector = None,
     receiver_output: OutputSelector = None,
@@ -222,16 +228,24 @@ def stitch(
         example_input: a batch like the real data, e.g.
             ``torch.randn(2, 3, 32, 32)``; both networks must accept it.
         kind: the stitch kind, see `make_stitch`.
-        init: ``"random"`` or ``"identity"`` (see `make_stitch`), or
+        init: ``"auto"`` (default): the stitch starts as the recipe of its
+            first `train_stitch` says (``Recipe.init``: least squares on the
+            training part for a linear stitch with the default ``Recipe()``,
+            random with ``Recipe.paper()``), and is random until then.
+            ``"random"`` or ``"identity"`` (see `make_stitch`), or
             ``"lstsq"``: the closed-form least-squares map from provided to
             expected representation over ``init_data`` (see
-            `fit_least_squares`; kind ``"linear"`` only).
+            `fit_least_squares`; kind ``"linear"`` only), fix the start now;
+            training then starts from it whatever the recipe says.
         init_data: a Dataset or DataLoader of inputs, for ``init="lstsq"``.
         sender_output: tensor selector for a structured sender-layer output.
         receiver_output: tensor selector for a structured receiver-layer output.
         suffix_method: ``"auto"``, ``"graph"`` or ``"hook"``, see `suffix`.
         **stitch_options: passed to `make_stitch` (``rank``, ``hidden``,
-            ``pool``, ``num_prefix_tokens``).
+            ``pool``, ``num_prefix_tokens``, ``token_grid``). The token
+            layout the networks report (`token_layout`: a timm ViT's prefix
+            tokens and patch grid, rectangular ones included) is used unless
+            these say otherwise.
 
     Returns:
         A `StitchedModel`: ``[B, ...] -> receiver output``.
@@ -289,7 +303,7 @@ def assemble(
     receiver_suffix: Suffix,
     *,
     kind: str = "auto",
-    init: str = "random",
+    init: str = "auto",
     init_data: Any = None,
     sender_output: OutputSelector = None,
     receiver_output: OutputSelector = None,
@@ -300,10 +314,18 @@ def assemble(
     `stitch` without the probing: a study that stitches many layer pairs of
     the same networks probes each network once and cuts each receiver once.
     """
+    if init not in _INITS:
+        raise StitchError(f"init={init!r}: use one of {_INITS}")
     if init == "lstsq" and init_data is None:
         raise StitchError("init='lstsq' needs init_data=<a Dataset or DataLoader of inputs> to fit the stitch on")
+    if init_data is not None and init != "lstsq":
+        raise StitchError(f"init_data is read only with init='lstsq' (init is {init!r}); drop it or set init='lstsq'")
+    # what the networks report of their token sequences (timm ViTs: prefix tokens, patch grid), as a hint
+    stitch_options.setdefault(
+        "token_layouts", (token_layout(sender, provided.name), token_layout(receiver, expected.name))
+    )
     stitch_module = make_stitch(
-        provided, expected, kind=kind, init="random" if init == "lstsq" else init, **stitch_options
+        provided, expected, kind=kind, init="random" if init in ("lstsq", "auto") else init, **stitch_options
     )
     device = next((p.device for p in sender.parameters()), None)
     dtype = provided.dtype if provided.dtype.is_floating_point else None
@@ -317,10 +339,14 @@ def assemble(
         sender_prefix=Prefix(sender, _single_call(provided), output=sender_output),
         receiver_prefix=Prefix(receiver, _single_call(expected), output=receiver_output),
         receiver_suffix=receiver_suffix,
+        init=init,
     )
     if init == "lstsq":
         fit_least_squares(stitched, init_data)
     return stitched
+
+
+_INITS = ("auto", "random", "identity", "lstsq")
 
 
 def _probe(

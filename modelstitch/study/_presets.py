@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,20 @@ from tqdm.auto import tqdm
 from .. import data as ms_data
 from .. import zoo
 from .._errors import StitchError
-from ..core import fingerprint_data, folder_lock, resolve_device
+from ..core import (
+    BOOLEAN,
+    PATH,
+    SEED,
+    Allowed,
+    check_names,
+    choice,
+    fingerprint_data,
+    folder_lock,
+    integer,
+    number,
+    resolve_device,
+)
+from ..metrics import LAYER_MEASURES
 from ..train import Recipe
 from ._store import ResultStore, read_run_meta
 from ._study import Study
@@ -129,6 +143,28 @@ def load_dataset(
     raise StitchError(f"unknown dataset {name!r}: use 'digits' or 'cifar10'")
 
 
+# ---------------------------------------------------------------- checking settings where they enter
+
+INITS: tuple[str, ...] = ("lstsq", "random", "identity")
+"""The stitch initialisations a study accepts (`Recipe.init`)."""
+
+STUDY_MEASURES: tuple[str, ...] = ("stitch", *LAYER_MEASURES)
+"""What a study computes for every cell: stitching and the similarity measures."""
+
+
+def check_measures(value: Any, what: str, known: Sequence[str] = STUDY_MEASURES) -> tuple[str, ...]:
+    """``value`` as a tuple of measure names from ``known``, none repeated.
+
+    Raises:
+        StitchError: not a list of names, empty, an unknown name (the message lists ``known``) or a repeat.
+    """
+    names = check_names(value, what, noun="measure", example=repr(list(known[:2])))
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise StitchError(f"{what} names {unknown[0]!r}, which is not a measure; choose from {tuple(known)}")
+    return tuple(names)
+
+
 def zoo_models(
     preset: Preset,
     *,
@@ -219,7 +255,7 @@ class PresetOptions:
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for network and stitch
             training and evaluation (``None``: the recipes' own, bf16 autocast
             on CUDA and fp32 on the CPU).
-        memory_budget: bytes of activation cache kept in memory.
+        memory_budget: bytes of activation cache kept in memory (``0``: all of it on disk).
     """
 
     data_root: str | None = None
@@ -239,11 +275,20 @@ class PresetOptions:
     memory_budget: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "measures", tuple(self.measures))
+        """Check every field by type and range, so that a bad option fails before any network trains.
+
+        Raises:
+            StitchError: ``"PresetOptions: <field> must be <allowed>, got <value>"``.
+        """
+        for field, allowed in _OPTIONS.items():
+            allowed.check(getattr(self, field), f"PresetOptions: {field}")
+        object.__setattr__(self, "measures", check_measures(self.measures, "PresetOptions: measures"))
         if self.data_root is not None:
             object.__setattr__(self, "data_root", str(self.data_root))
-        if self.precision not in (None, *_PRECISIONS):
-            raise StitchError(f"precision={self.precision!r}: use one of {sorted(_PRECISIONS)} or None")
+        if self.min_delta and self.patience is None:
+            raise StitchError(
+                f"PresetOptions: min_delta={self.min_delta!r} only applies with patience=N (epochs); set patience too"
+            )
 
     def recipe(self, base: Recipe) -> Recipe:
         """``base`` with this run's seed, epochs and precision (and, for stitches, batch size)."""
@@ -260,6 +305,24 @@ _PRECISIONS: dict[str, dict[str, Any]] = {
     "bf16": {"amp": True, "amp_dtype": "bfloat16"},
     "fp16": {"amp": True, "amp_dtype": "float16"},
 }
+
+_OPTIONS: dict[str, Allowed] = {
+    "data_root": PATH.or_none("the preset's own data"),
+    "download": BOOLEAN,
+    "seed": SEED,
+    "limit": integer(1).or_none("all samples"),
+    "epochs": number(above=0).or_none("the recipes' own"),
+    "max_pairs": integer(1).or_none("all pairs"),
+    "width": integer(1).or_none("the preset's"),
+    "batch_size": integer(1).or_none("the recipe's"),
+    "init": choice(INITS).or_none("the recipe's"),
+    "patience": integer(1).or_none("all epochs"),
+    "min_delta": number(at_least=0, below=1).or_none("the recipe's"),
+    "paper_recipe": BOOLEAN,
+    "precision": choice(tuple(_PRECISIONS)).or_none("the recipes' own"),
+    "memory_budget": integer(0).or_none("the Study's default"),
+}
+"""How each field of `PresetOptions` but ``measures`` is checked."""
 
 
 def build_preset_study(
@@ -300,6 +363,7 @@ def build_preset_study(
         preset = dataclasses.replace(preset, width=options.width)
     out = Path(out)
     dev = resolve_device(device)
+    zoo_recipe, recipe = options.recipe(preset.zoo_recipe), _stitch_recipe(options, preset.recipe)  # before any work
     root, download, seed = options.data_root, options.download, options.seed
     train_aug = load_dataset(preset.dataset, train=True, root=root, augment=True, download=download)
     train = load_dataset(preset.dataset, train=True, root=root, download=download)
@@ -315,20 +379,9 @@ def build_preset_study(
         test_data=test,
         seed=seed,
         device=dev,
-        recipe=options.recipe(preset.zoo_recipe),
+        recipe=zoo_recipe,
         progress=progress,
     )
-    recipe = options.recipe(preset.recipe)
-    if options.paper_recipe:
-        recipe = recipe.replace(init="random", holdout=0.0)
-    if options.init is not None:
-        recipe = recipe.replace(init=options.init)
-    if options.patience is not None:
-        recipe = recipe.replace(patience=options.patience)
-    if options.min_delta is not None:
-        recipe = recipe.replace(min_delta=options.min_delta)
-    if options.batch_size is not None:
-        recipe = recipe.replace(batch_size=options.batch_size)
     trained = [n for n in models if n not in controls.values()]
     pairs: Any = [(a, b) for a in trained for b in trained if preset.pairs == "all" or a != b]
     if options.max_pairs is not None:
@@ -351,6 +404,22 @@ def build_preset_study(
     with folder_lock(out), ResultStore(study.store_path) as store:
         store.set_meta("preset", record)
     return study
+
+
+def _stitch_recipe(options: PresetOptions, base: Recipe) -> Recipe:
+    """The stitch recipe of a preset run: ``base`` with the run's options."""
+    recipe = options.recipe(base)
+    if options.paper_recipe:
+        recipe = recipe.replace(init="random", holdout=0.0)
+    if options.init is not None:
+        recipe = recipe.replace(init=options.init)
+    if options.patience is not None:
+        recipe = recipe.replace(patience=options.patience)
+    if options.min_delta is not None:
+        recipe = recipe.replace(min_delta=options.min_delta)
+    if options.batch_size is not None:
+        recipe = recipe.replace(batch_size=options.batch_size)
+    return recipe
 
 
 def _option_names() -> list[str]:

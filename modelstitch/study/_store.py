@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 from .._errors import StitchError
 from ..core import atomic_path
+from ..core._files import write_error
 
 __all__ = ["CELL_COLUMNS", "DISTANCE_COLUMNS", "MEASURE_COLUMNS", "SCHEMA_VERSION", "ResultStore", "read_run_meta"]
 
@@ -109,6 +112,9 @@ class ResultStore:
             self._create_tables()
         except sqlite3.DatabaseError as err:
             self._db.close()
+            if isinstance(err, sqlite3.OperationalError) and _write_failure(err, opening=True) is not None:
+                # a sound store in a folder that cannot be written (read-only, full): WAL mode must write beside it
+                raise StitchError(f"cannot open the store {self.path} ({err}); choose a writable folder") from None
             raise StitchError(f"{self.path} is not a readable modelstitch store ({err}); use another folder") from None
         except BaseException:
             self._db.close()
@@ -295,14 +301,27 @@ class ResultStore:
 
         IMMEDIATE takes the write lock at the start, so a read-modify-write
         inside the block cannot interleave with another process's.
+
+        Raises:
+            StitchError: the store cannot be written (a full disk, a read-only
+                folder); the transaction is rolled back, so the store holds
+                what it held before.
         """
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # a failed COMMIT may have rolled back already
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as err:
+            failure = _write_failure(err)
+            if failure is None:
+                raise
+            raise write_error(self.path, failure) from err
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
@@ -326,3 +345,36 @@ def _encode(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True)
     return value
+
+
+# SQLite's primary result codes of a write the file system refused (``sqlite3.OperationalError.sqlite_errorcode``)
+_SQLITE_WRITE_FAILURES = {
+    8: errno.EROFS,  # SQLITE_READONLY: "attempt to write a readonly database"
+    10: errno.EIO,  # SQLITE_IOERR: "disk I/O error"
+    13: errno.ENOSPC,  # SQLITE_FULL: "database or disk is full"
+}
+_SQLITE_CANTOPEN = 14
+
+
+def _write_failure(err: sqlite3.OperationalError, *, opening: bool = False) -> OSError | None:
+    """The `OSError` a failed SQLite write stands for, or None when ``err`` is something else (a lock timeout).
+
+    Args:
+        err: what SQLite raised.
+        opening: ``err`` came while opening the store, where SQLITE_CANTOPEN
+            ("unable to open database file") means its folder refused the
+            ``-wal``/``-shm`` files.
+    """
+    failures = {**_SQLITE_WRITE_FAILURES, **({_SQLITE_CANTOPEN: errno.EACCES} if opening else {})}
+    code = getattr(err, "sqlite_errorcode", None)  # Python 3.11+
+    if code is None:
+        words = {"readonly": errno.EROFS, "disk I/O error": errno.EIO, "disk is full": errno.ENOSPC}
+        if opening:
+            words["unable to open"] = errno.EACCES
+        number = next((n for text, n in words.items() if text in str(err)), None)
+    else:
+        number = failures.get(code & 0xFF)
+    if number is None:
+        return None
+    # a full disk is the OS's ENOSPC; "readonly" and "disk I/O error" have several causes, so SQLite's words stay
+    return OSError(number, os.strerror(number) if number == errno.ENOSPC else str(err))

@@ -31,19 +31,24 @@ from tqdm.auto import tqdm
 from .._errors import StitchError, StitchWarning
 from .._version import __version__
 from ..core import (
+    BOOLEAN,
+    SEED,
+    choice,
     fingerprint_data,
     fingerprint_module,
     folder_lock,
+    integer,
     layer_specs,
     load_checkpoint,
+    parse_address,
     resolve_device,
     save_checkpoint,
     split_batch,
     suffix,
 )
 from ..metrics import FLATTEN_RULES, LAYER_MEASURES, compare_layers
-from ..stitches import StitchedModel, assemble
-from ..train import Recipe, evaluate_stitches, fit_least_squares_all, holdout_split, train_stitches
+from ..stitches import STITCH_KINDS, StitchedModel, assemble
+from ..train import OBJECTIVES, Recipe, evaluate_stitches, fit_least_squares_all, holdout_split, train_stitches
 from ..zoo import layer_names
 from ._results import SANITY_TOLERANCE, StudyResults, slug
 from ._store import ResultStore
@@ -160,12 +165,34 @@ class Study:
         measure_rule: str | None = None,
         sanity: bool = True,
     ) -> None:
-        if not models:
+        if not isinstance(models, Mapping) or not models:
             raise StitchError("a Study needs at least one network in models={name: module}")
+        if recipe is not None and not isinstance(recipe, Recipe):
+            raise StitchError(f"Study: recipe must be a modelstitch.Recipe, got {type(recipe).__name__}")
+        for name, value, allowed in (
+            ("objective", objective, choice(OBJECTIVES)),
+            ("kind", kind, choice(STITCH_KINDS)),
+            ("init", init, choice(("random", "identity", "lstsq")).or_none("the recipe's")),
+            ("seed", seed, SEED),
+            ("cache", cache, BOOLEAN),
+            ("share_suffix", share_suffix, BOOLEAN),
+            ("sanity", sanity, BOOLEAN),
+            ("memory_budget", memory_budget, integer(0)),
+            ("eval_batch_size", eval_batch_size, integer(1)),
+        ):
+            allowed.check(value, f"Study: {name}")
         self.models = dict(models)
         self.controls = dict(controls or {})
         for name in [*self.controls, *self.controls.values()]:
             self._check_name(name, "controls")
+        for name, control in self.controls.items():
+            if name == control:
+                raise StitchError(
+                    f"controls maps {name!r} to itself; a control is another network: its random-weight twin "
+                    f"(e.g. zoo.random_control(models[{name!r}]))"
+                )
+        for name in layers or {}:
+            self._check_name(name, "layers")
         self.train_data = train_data
         self.test_data = test_data
         self.out = Path(out)
@@ -201,6 +228,11 @@ class Study:
             self.sanity_pairs = [(n, n) for n in trained if (n, n) not in self.pairs]
             self.pairs += self.sanity_pairs
         self._check_controls()
+        if not self.cells():
+            raise StitchError(
+                f"this study has no cells: pairs={pairs!r} with controls {self.controls} leaves no (sender, receiver) "
+                "pair of trained networks; name the pairs, or networks that are not all controls"
+            )
         self.example_input = example_input if example_input is not None else _first_input(train_data)
 
     # ------------------------------------------------------------------ layout
@@ -211,7 +243,7 @@ class Study:
 
     def _layers_of(self, name: str, layers: Mapping[str, Sequence[str]] | None) -> Sequence[str]:
         if layers is not None and name in layers:
-            return layers[name]
+            return _checked_layers(name, self.models[name], layers[name])
         try:
             return layer_names(self.models[name])
         except StitchError as err:
@@ -422,9 +454,7 @@ class Study:
         saved = store.meta("network_accuracy") or {}
         for name, net in self.models.items():
             if saved.get(name, {}).get("fingerprint") != fingerprints[name]:
-                (result,) = evaluate_stitches(
-                    [net], self.test_data, device=self.device, batch_size=self.eval_batch_size, recipe=self.recipe
-                )
+                (result,) = self._evaluate([net])
                 saved[name] = {"accuracy": result["accuracy"], "fingerprint": fingerprints[name]}
         store.set_meta("network_accuracy", saved)
 
@@ -580,7 +610,9 @@ class Study:
             train, held = holdout_split(train, self.recipe.holdout, seed=self.recipe.seed)
         init_results = None
         if self.init == "lstsq":
-            fit_least_squares_all(stitched, train, batch_size=self.eval_batch_size, device=self.device)
+            fit_least_squares_all(
+                stitched, train, batch_size=self.eval_batch_size, device=self.device, positions=self.recipe.positions
+            )
             init_results = self._evaluate(stitched)
         results = train_stitches(
             stitched,
@@ -633,9 +665,14 @@ class Study:
         except StitchError as err:
             raise StitchError(f"network {name!r}: {err}") from None
 
-    def _evaluate(self, stitched: list) -> list[dict[str, float]]:
+    def _evaluate(self, stitched: Sequence[nn.Module]) -> list[dict[str, float]]:
         return evaluate_stitches(
-            stitched, self.test_data, device=self.device, batch_size=self.eval_batch_size, recipe=self.recipe
+            stitched,
+            self.test_data,
+            device=self.device,
+            batch_size=self.eval_batch_size,
+            recipe=self.recipe,
+            what="the study's test data",
         )
 
     # ------------------------------------------------------------------ results
@@ -664,6 +701,23 @@ class Study:
     def plot(self, path: str | Path | None = None, **kwargs: Any) -> Figure:
         """Heatmaps of each trained pair beside its control pair (see `StudyResults.plot`)."""
         return self.results.plot(path, **kwargs)
+
+
+def _checked_layers(name: str, model: nn.Module, layers: Any) -> list[str]:
+    """A network's layer list as given, refused if it is not a non-empty list of distinct, existing layer names."""
+    if isinstance(layers, str) or not isinstance(layers, Sequence) or not all(isinstance(x, str) for x in layers):
+        raise StitchError(
+            f"layers[{name!r}] must be a list of layer names, got {layers!r}"
+            + (f"; for one layer write [{layers!r}]" if isinstance(layers, str) else "")
+        )
+    if not layers:
+        raise StitchError(f"layers[{name!r}] is empty; name at least one layer (modelstitch.list_layers lists them)")
+    repeated = sorted({x for x in layers if list(layers).count(x) > 1})
+    if repeated:
+        raise StitchError(f"layers[{name!r}] names {repeated} more than once; each layer is a row of the matrix once")
+    for layer in layers:
+        parse_address(model, layer)
+    return list(layers)
 
 
 def _first_input(data: Any) -> Any:

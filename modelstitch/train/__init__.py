@@ -6,16 +6,22 @@ frozen (many cells per pass over the data, optionally from an
 `optimise` is the loop that stitch and classifier training share.
 """
 
+from ..stitches import fit_least_squares_all  # the least-squares start of train_stitches, at home in stitches
 from ._cache import ActivationCache
 from ._evaluate import evaluate, evaluate_stitches, stitching_penalty
-from ._init import fit_least_squares_all
 from ._loop import StepLosses, optimise, total_steps
-from ._plan import LossFn, Plan, cross_entropy
+from ._plan import OBJECTIVES, LossFn, Plan, kl_to
 from ._recipe import Recipe
+from ._scores import SCORES, score_stitches
 from ._select import BestEpoch, holdout_split
-from ._train import Objective, TrainResult, train_stitch, train_stitches
+from ._task import IGNORE_INDEX, Task, cross_entropy, logits_of, task_of
+from ._train import MIN_STEPS, Objective, TrainResult, train_stitch, train_stitches
 
 __all__ = [
+    "IGNORE_INDEX",
+    "MIN_STEPS",
+    "OBJECTIVES",
+    "SCORES",
     "ActivationCache",
     "BestEpoch",
     "LossFn",
@@ -23,14 +29,19 @@ __all__ = [
     "Plan",
     "Recipe",
     "StepLosses",
+    "Task",
     "TrainResult",
     "cross_entropy",
     "evaluate",
     "evaluate_stitches",
     "fit_least_squares_all",
     "holdout_split",
+    "kl_to",
+    "logits_of",
     "optimise",
+    "score_stitches",
     "stitching_penalty",
+    "task_of",
     "total_steps",
     "train_stitch",
     "train_stitches",

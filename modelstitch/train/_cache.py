@@ -79,6 +79,10 @@ class ActivationCache:
     def __contains__(self, key: str) -> bool:
         return key in self._ram or key in self._disk
 
+    def names(self) -> list[str]:
+        """The keys written so far (in memory or on disk)."""
+        return [*self._ram, *self._disk]
+
     def write(self, key: str, start: int, rows: torch.Tensor) -> None:
         """Store ``rows`` (``[b, ...]``) at sample positions ``start .. start + b``."""
         end = start + rows.shape[0]

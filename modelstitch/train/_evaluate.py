@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,10 +12,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._errors import StitchError
-from ..core import BatchFn, as_loader, frozen, iterate_batches, resolve_device
+from ..core import BatchFn, as_loader, call_model, frozen, iterate_batches, resolve_device
 from ..stitches import StitchedModel
-from ._plan import LossFn, Plan, cross_entropy
+from ._plan import LossFn, Plan
 from ._recipe import Recipe
+from ._task import logits_of, task_of
 
 __all__ = ["evaluate", "evaluate_stitches", "stitching_penalty"]
 
@@ -31,6 +33,7 @@ def evaluate_stitches(
     progress: bool = False,
     num_workers: int = 0,
     recipe: Recipe | None = None,
+    what: str = "the evaluation data",
 ) -> list[dict[str, float]]:
     """Accuracy and mean loss of several classifiers over one pass of ``data``.
 
@@ -40,19 +43,34 @@ def evaluate_stitches(
     run in its numerics (its autocast), so evaluation sees what training saw;
     without one they run in full precision.
 
+    Labels are class indices ``[B]`` (``-100`` marks a sample to leave out of
+    both scores, as in `torch.nn.functional.cross_entropy`) or soft labels
+    ``[B, classes]`` (accuracy against their argmax). Outputs ``[B, ..., C]``
+    with labels ``[B, ...]`` score every position.
+
     Returns:
-        One ``{"accuracy": float in [0, 1], "loss": float}`` per model.
+        One ``{"accuracy": float in [0, 1], "loss": float}`` per model;
+        accuracy is NaN only for a model whose output has no class
+        dimension (not a tensor, or ``[B]``: a custom ``loss_fn`` scores it).
+
+    Raises:
+        StitchError: NaN or infinite data (naming ``what`` and the sample), a
+            model whose loss is NaN or infinite on finite data, labels that do
+            not fit the outputs, or no labels at all.
     """
     dev = resolve_device(device)
-    loss_fn = loss_fn or cross_entropy
     loader = as_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     stitched = [m for m in models if isinstance(m, StitchedModel)]
     plain = [m for m in models if not isinstance(m, StitchedModel)]
     for m in models:
         m.to(dev)
     plan = Plan(stitched, "task", loss_fn) if stitched else None
+    tasks = [task_of(m.receiver if isinstance(m, StitchedModel) else m) for m in models]
+    loss_fns = [loss_fn or task.loss for task in tasks]
     correct = torch.zeros(len(models), dtype=torch.float64)
+    counted = torch.zeros(len(models), dtype=torch.float64)
     loss_sum = torch.zeros(len(models), dtype=torch.float64)
+    weights = torch.zeros(len(models), dtype=torch.float64)
     seen = 0
     with contextlib.ExitStack() as stack:
         for m in stitched:
@@ -65,28 +83,56 @@ def evaluate_stitches(
         if recipe is not None:
             stack.enter_context(recipe.autocast(dev))
         try:
-            for x, y in tqdm(iterate_batches(loader, dev, batch_fn), desc="eval", disable=not progress, leave=False):
+            batches = iterate_batches(loader, dev, batch_fn, what=what)
+            for number, (x, y) in enumerate(tqdm(batches, desc="eval", disable=not progress, leave=False)):
+                if y is not None or all(t.causal for t in tasks):
+                    y = tasks[0].labels_for(x, y)
                 if y is None:
-                    raise StitchError("evaluation needs labels: the data yields inputs only")
+                    raise StitchError(
+                        f"evaluation needs labels: {what} yields inputs only (a causal language model takes its next "
+                        "tokens from input_ids)"
+                    )
                 outputs: dict[int, Any] = {}
                 if plan is not None:
                     reps = plan.frozen_outputs(x)
                     for m, key in zip(stitched, plan.provided_keys):
                         outputs[id(m)] = m.forward_from(reps[key], x)
                 for m in plain:
-                    outputs[id(m)] = m(x)
+                    outputs[id(m)] = call_model(m, x)
                 for i, m in enumerate(models):
                     out = outputs[id(m)]
-                    loss_sum[i] += float(loss_fn(out, y)) * y.shape[0]
-                    if isinstance(out, torch.Tensor) and out.dim() == 2:
-                        correct[i] += (out.argmax(1) == y).sum().item()
+                    right, scored = tasks[i].hits(out, y)
+                    correct[i] += right
+                    counted[i] += scored
+                    if _has_classes(out) and not scored:
+                        continue  # every label of the batch is -100: nothing to score
+                    loss = float(loss_fns[i](out, y))
+                    if not math.isfinite(loss):
+                        name = m.cell if isinstance(m, StitchedModel) else type(m).__name__
+                        raise StitchError(
+                            f"{name} gives a {loss} loss on batch {number} of {what}, whose values are all finite: "
+                            "the network's output overflows or is NaN there"
+                        )
+                    weight = scored if _has_classes(out) and scored else y.shape[0]
+                    loss_sum[i] += loss * weight
+                    weights[i] += weight
                 seen += y.shape[0]
         finally:
             for stitch_module, mode in modes:
                 stitch_module.train(mode)
     if seen == 0:
-        raise StitchError("evaluation data is empty")
-    return [{"accuracy": float(c / seen), "loss": float(s / seen)} for c, s in zip(correct, loss_sum)]
+        raise StitchError(f"{what} is empty")
+    return [
+        {"accuracy": float(c / n) if n else math.nan, "loss": float(s / w) if w else math.nan}
+        for c, n, s, w in zip(correct, counted, loss_sum, weights)
+    ]
+
+
+def _has_classes(output: Any) -> bool:
+    try:
+        return logits_of(output).dim() >= 2
+    except StitchError:
+        return False
 
 
 def evaluate(model: nn.Module, data: Any, **options: Any) -> dict[str, float]:

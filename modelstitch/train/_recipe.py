@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import numpy as np
 import torch
 
 from .._errors import StitchError
+from ..core import Positions
 
 __all__ = ["Recipe"]
 
@@ -22,15 +26,21 @@ class Recipe:
     0.01, 4 epochs, a linear warmup and then cosine decay to zero. Two
     defaults differ from the paper, so that a stitch that exists is found
     (a self-stitch reaches the network's own accuracy at every layer; see
-    docs/trust.md for the evidence): a study starts each linear stitch from
-    its least-squares fit (``init="lstsq"``), and training keeps the epoch
+    docs/trust.md for the evidence): each linear stitch starts from its
+    least-squares fit (``init="lstsq"``), and training keeps the epoch
     whose accuracy on 15% of the training data held out is best
     (``holdout=0.15``). `Recipe.paper` is the paper's recipe exactly.
+
+    Every field is checked when a recipe is made: a value of the wrong type
+    (``epochs="4"``, ``batch_size=2.5``, a bool where a number goes), a number
+    that is not finite, or one out of range raises a `StitchError` naming the
+    field, the value and what is allowed. Ints are fine for the float fields;
+    numpy numbers are turned into Python ones.
 
     Attributes:
         lr: learning rate at batch size ``base_batch_size``; the rate used is
             scaled linearly with ``batch_size`` (see `scaled_lr`).
-        momentum: SGD momentum.
+        momentum: SGD momentum, in [0, 1).
         weight_decay: L2 weight decay (SGD's ``weight_decay``).
         batch_size: samples per optimiser step.
         epochs: passes over the training data.
@@ -44,15 +54,23 @@ class Recipe:
             never.
         amp_dtype: ``"bfloat16"`` or ``"float16"`` (float16 gets a gradient
             scaler; on the CPU use bfloat16).
-        channels_last: use the channels-last memory format for 4-D tensors.
+        channels_last: use the channels-last memory format for 4-D tensors,
+            on CUDA only (see `uses_channels_last`).
         grad_clip: clip the gradient norm to this value, or ``None``.
+        positions: which positions of token representations ``[B, T, D]``
+            enter least squares and the MSE loss besides the unpadded ones
+            (`modelstitch.core.Positions`: skip the first k, or norm
+            outliers); ``None`` (default): every unpadded position. Padding
+            never counts.
         seed: seeds the stitch's initialisation, the data order and the
             held-out split.
-        init: how a `Study` initialises each stitch before training:
-            ``"lstsq"`` (the least-squares map from provided to expected
-            representation, fitted on the training part; linear stitches
-            only, others start at random), ``"random"`` or ``"identity"``.
-            `train_stitch` trains the stitch it is given as it is.
+        init: how a stitch starts before training: ``"lstsq"`` (the
+            least-squares map from provided to expected representation,
+            fitted on the training part; linear stitches only, others start
+            at random with a warning), ``"random"`` or ``"identity"``. A
+            `Study` starts every cell so; `train_stitch` starts a stitch made
+            with ``stitch(..., init="auto")`` (the default) so, and trains a
+            stitch whose start was fixed at `stitch` from that start.
         holdout: fraction of the training data held out of training (a seeded
             random split) to choose the epoch to keep: the held-out accuracy
             is measured before training and after each epoch, and the best
@@ -91,29 +109,23 @@ class Recipe:
     holdout: float = 0.15
     patience: int | None = None
     min_delta: float = 0.0
+    positions: Positions | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.lr > 0, "lr must be > 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.base_batch_size >= 1, "base_batch_size must be >= 1"),
-            (self.epochs > 0, "epochs must be > 0"),
-            (0 <= self.warmup < 1, "warmup is a fraction of all steps, in [0, 1)"),
-            (self.momentum >= 0, "momentum must be >= 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.amp in (None, True, False), "amp must be None (CUDA only), True or False"),
-            (self.amp_dtype in ("bfloat16", "float16"), "amp_dtype must be 'bfloat16' or 'float16'"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be None or > 0"),
-            (self.init in ("lstsq", "random", "identity"), "init must be 'lstsq', 'random' or 'identity'"),
-            (0 <= self.holdout < 1, "holdout is a fraction of the training data, in [0, 1)"),
-            (self.patience is None or self.patience >= 1, "patience must be None or a number of epochs >= 1"),
-            (0 <= self.min_delta < 1, "min_delta is a rise in accuracy, in [0, 1)"),
-            (self.min_delta == 0 or self.patience is not None, "min_delta only applies with patience=N"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise StitchError(f"Recipe: {message} (got {self!r})")
+        for name, (parse, ok, rule) in _RULES.items():
+            value = getattr(self, name)
+            parsed = parse(value)
+            if parsed is _INVALID or not ok(parsed):
+                raise StitchError(f"Recipe: {name} {rule}, got {value!r}")
+            # numpy scalars become Python numbers: the repr (a study's fingerprint) and JSON stay plain
+            object.__setattr__(self, name, parsed)
+        if self.min_delta != 0 and self.patience is None:
+            raise StitchError(
+                f"Recipe: min_delta only applies with patience=N, got min_delta={self.min_delta!r} and patience=None"
+            )
+        if self.nesterov and self.momentum == 0:
+            raise StitchError("Recipe: nesterov=True needs momentum > 0, got momentum=0")
 
     def __repr__(self) -> str:
         fields = [f for f in dataclasses.fields(self) if f.name not in _REPR_ALWAYS]
@@ -182,6 +194,19 @@ class Recipe:
         """
         return self.amp if self.amp is not None else device.type == "cuda"
 
+    def uses_channels_last(self, device: torch.device) -> bool:
+        """Whether networks and 4-D batches on ``device`` use the channels-last memory format.
+
+        Only on CUDA: on the CPU, oneDNN's channels-last convolution backward
+        crashed the process (a segmentation fault) with one intra-op thread
+        on an AMD EPYC with torch 2.14.1, and the format is a GPU speed-up.
+
+        Examples:
+            >>> Recipe(channels_last=True).uses_channels_last(torch.device("cpu"))
+            False
+        """
+        return self.channels_last and device.type == "cuda"
+
     def autocast(self, device: torch.device) -> torch.autocast:
         """The `torch.autocast` context of this recipe's numerics on ``device`` (disabled when not `uses_amp`)."""
         return torch.autocast(
@@ -194,3 +219,68 @@ class Recipe:
 
 
 _REPR_ALWAYS = ("lr", "momentum", "weight_decay", "batch_size", "epochs", "warmup", "seed")
+
+
+_INVALID = object()  # what a parser returns for a value of the wrong kind (a string, a bool, NaN for a number)
+
+
+def _number(value: object) -> object:
+    """``value`` as a Python ``int`` or ``float`` if it is a finite real number (bools are not), else `_INVALID`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return _INVALID
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return _INVALID
+    if not math.isfinite(number):
+        return _INVALID
+    return int(value) if isinstance(value, numbers.Integral) else number
+
+
+def _whole(value: object) -> object:
+    """``value`` as a Python ``int`` if it is an integer (numpy too; bools and ``2.0`` are not), else `_INVALID`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return _INVALID
+    return int(value)
+
+
+def _flag(value: object) -> object:
+    """``value`` as a Python ``bool`` if it is one (a numpy one too; ``1`` is not), else `_INVALID`."""
+    return bool(value) if isinstance(value, (bool, np.bool_)) else _INVALID
+
+
+def _optional(parse: Callable[[object], object]) -> Callable[[object], object]:
+    """A parser that also lets ``None`` through."""
+    return lambda value: None if value is None else parse(value)
+
+
+def _choice(*allowed: str) -> Callable[[object], object]:
+    """A parser that accepts exactly the strings ``allowed``."""
+    return lambda value: value if isinstance(value, str) and value in allowed else _INVALID
+
+
+# field -> (parser, range check on the parsed value, what is allowed as the error message words it)
+_RULES: dict[str, tuple[Callable[[object], object], Callable[[Any], bool], str]] = {
+    "lr": (_number, lambda v: v > 0, "must be a finite number > 0"),
+    "momentum": (_number, lambda v: 0 <= v < 1, "must be a finite number in [0, 1)"),
+    "weight_decay": (_number, lambda v: v >= 0, "must be a finite number >= 0"),
+    "batch_size": (_whole, lambda v: v >= 1, "must be a whole number >= 1"),
+    "epochs": (_number, lambda v: v > 0, "must be a finite number > 0"),
+    "warmup": (_number, lambda v: 0 <= v < 1, "is a fraction of all steps, a number in [0, 1)"),
+    "base_batch_size": (_whole, lambda v: v >= 1, "must be a whole number >= 1"),
+    "nesterov": (_flag, lambda v: True, "must be True or False"),
+    "amp": (_optional(_flag), lambda v: True, "must be None (CUDA only), True or False"),
+    "amp_dtype": (_choice("bfloat16", "float16"), lambda v: True, "must be 'bfloat16' or 'float16'"),
+    "channels_last": (_flag, lambda v: True, "must be True or False"),
+    "grad_clip": (_optional(_number), lambda v: v is None or v > 0, "must be None or a finite number > 0"),
+    "init": (_choice("lstsq", "random", "identity"), lambda v: True, "must be 'lstsq', 'random' or 'identity'"),
+    "holdout": (_number, lambda v: 0 <= v < 1, "is a fraction of the training data, a number in [0, 1)"),
+    "patience": (_optional(_whole), lambda v: v is None or v >= 1, "must be None or a whole number of epochs >= 1"),
+    "min_delta": (_number, lambda v: 0 <= v < 1, "is a rise in accuracy, a number in [0, 1)"),
+    "positions": (
+        lambda v: v if v is None or isinstance(v, Positions) else _INVALID,
+        lambda v: True,
+        "must be None or a modelstitch.core.Positions(skip_first=..., max_norm_ratio=...)",
+    ),
+    "seed": (_whole, lambda v: 0 <= v < 2**64, "must be a whole number in [0, 2**64)"),
+}

@@ -111,6 +111,7 @@ class BestEpoch:
             device=self.device,
             batch_size=self.batch_size,
             recipe=self.recipe,
+            what="the held-out part of the training data",
             **self.options,
         )
         patience, delta = self.recipe.patience, self.recipe.min_delta

@@ -22,17 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .._errors import StitchError, StitchWarning
-from ..core import BatchFn, as_loader, iterate_batches, resolve_device
-from ..stitches import StitchedModel
+from ..core import BatchFn, as_loader, batch_rows, is_batch_list, iterate_batches, resolve_device, split_batch
+from ..stitches import StitchedModel, fit_least_squares_all, identity_
 from ._cache import ActivationCache
 from ._loop import optimise, total_steps
-from ._plan import LossFn, Plan, cross_entropy
+from ._plan import OBJECTIVES, LossFn, Plan
 from ._recipe import Recipe
 from ._select import BestEpoch, holdout_split, splittable
 
-__all__ = ["MIN_STEPS", "Objective", "TrainResult", "train_stitch", "train_stitches"]
+__all__ = ["MIN_STEPS", "Objective", "TrainResult", "start_stitches", "train_stitch", "train_stitches"]
 
-Objective = Literal["task", "mse"]
+Objective = Literal["task", "mse", "kl"]
 
 MIN_STEPS = 75
 """Fewer optimiser steps than this draw a `StitchWarning` (measured: see docs/trust.md, "How many steps")."""
@@ -46,7 +46,7 @@ class TrainResult:
         epoch_losses: mean training loss of each epoch.
         steps: optimiser steps taken.
         seconds: wall-clock time of the whole call (shared by models trained together).
-        objective: ``"task"`` or ``"mse"``.
+        objective: ``"task"``, ``"mse"`` or ``"kl"``.
         selected_epoch: the epoch whose state was kept (0: the state before
             training), or ``None`` without held-out selection (the last).
         holdout_accuracy: the kept state's accuracy on the held-out data, or ``None``.
@@ -75,14 +75,25 @@ def train_stitch(
 ) -> TrainResult:
     """Train ``stitched.stitch`` with the sender and receiver frozen.
 
+    A stitch made by ``stitch(...)`` with its default ``init="auto"`` first
+    gets the start ``recipe.init`` names (with the default ``Recipe()``, its
+    least-squares fit on the training part), so this call with its defaults
+    is the recipe a `Study` runs; a start fixed at `stitch` is kept.
+
     Args:
         stitched: from `stitch`.
         data: a Dataset or DataLoader of ``(inputs, labels)`` (see `split_batch`
             for dicts and ``batch_fn``).
-        objective: ``"task"``: ``loss_fn(stitched(x), y)``, cross entropy by
-            default; ``"mse"``: mean squared error between the stitch's output
-            and the receiver's expected representation ``B<=j(x)`` (labels are
-            not used).
+        objective: ``"task"``: ``loss_fn(stitched(x), y)``, by default the
+            receiver's own task loss (`Task.loss`: cross entropy on logits; for
+            a causal language model, next-token cross entropy with the labels
+            shifted, padding and ``-100`` left out, and the labels taken from
+            ``input_ids`` when the data has none); ``"mse"``: mean squared
+            error between the stitch's output and the receiver's expected
+            representation ``B<=j(x)``; ``"kl"``: ``KL(receiver ‖ stitched)``
+            of the output distributions, per sample (and per unpadded
+            position), so the stitch reproduces what the receiver itself
+            predicts. ``"mse"`` and ``"kl"`` use no labels.
         recipe: optimiser, schedule, batch size, epochs and seed;
             ``Recipe()`` (the paper's) by default. A DataLoader's own batch size
             replaces ``recipe.batch_size`` (and scales the learning rate).
@@ -122,14 +133,14 @@ def train_stitches(
     Args:
         models: stitched models; they may share senders and receivers.
         data: as for `train_stitch`.
-        objective: ``"task"`` or ``"mse"``.
+        objective: ``"task"``, ``"mse"`` or ``"kl"`` (see `train_stitch`).
         recipe: as for `train_stitch`; the same recipe (and data order) for all.
         loss_fn: ``(receiver_output, labels) -> scalar`` for ``"task"``;
-            default cross entropy on logits.
+            default the receiver's `Task.loss`.
         batch_fn: maps a loader batch to ``(inputs, labels)``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``...; the
             stitched models (with their networks) are moved there, and
-            converted to channels-last when ``recipe.channels_last``.
+            converted to channels-last when ``recipe.uses_channels_last``.
         progress: show a tqdm progress bar.
         cache: compute the frozen senders' activations (and the inputs and
             labels) once, then train from the cache. Right only when the data
@@ -158,8 +169,11 @@ def train_stitches(
     """
     if not models:
         return []
-    if objective not in ("task", "mse"):
-        raise StitchError(f"objective={objective!r}: use 'task' (cross entropy through the receiver) or 'mse'")
+    if objective not in OBJECTIVES:
+        raise StitchError(
+            f"objective={objective!r}: use 'task' (the receiver's loss through it), 'mse' (its representation) "
+            "or 'kl' (its own output distribution)"
+        )
     recipe = recipe or Recipe()
     dev = resolve_device(device)
     if holdout is None and objective == "task" and recipe.holdout > 0:
@@ -177,7 +191,7 @@ def train_stitches(
         if not isinstance(m, StitchedModel):
             raise StitchError(f"train_stitches takes StitchedModels from modelstitch.stitch(), got {type(m).__name__}")
         m.to(dev)
-        if recipe.channels_last:
+        if recipe.uses_channels_last(dev):
             m.to(memory_format=torch.channels_last)
     # the cache holds every sample (its batches are drawn later); live training drops each epoch's last partial batch
     loader = as_loader(
@@ -191,11 +205,13 @@ def train_stitches(
     batch_size = getattr(loader, "batch_size", None) or recipe.batch_size
     if batch_size != recipe.batch_size:
         recipe = recipe.replace(batch_size=batch_size)
-    plan = Plan(models, objective, loss_fn or cross_entropy, share_suffix)
+    plan = Plan(models, objective, loss_fn, share_suffix, positions=recipe.positions)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_restored_on_error(models))
         for m in models:
             stack.enter_context(m.frozen())
+            stack.callback(m.stitch.eval)  # stitches are left in eval mode, trained or not
         if cache:
             store = stack.enter_context(
                 _fill_cache(plan, loader, dev, batch_fn, memory_budget, progress, recipe, cache_dtype)
@@ -210,6 +226,7 @@ def train_stitches(
                 raise StitchError("training needs data of known length: a map-style Dataset or a DataLoader") from None
             if steps_per_epoch == 0:  # e.g. drop_last with fewer samples than a batch: would loop forever
                 raise StitchError("the training data yields no batches (fewer samples than one batch with drop_last?)")
+        start_stitches([m for m in models if m.init == "auto"], data, recipe=recipe, device=dev, batch_fn=batch_fn)
         total = total_steps(recipe.epochs, steps_per_epoch)
         if total < MIN_STEPS:
             warnings.warn(
@@ -250,23 +267,19 @@ def train_stitches(
 
         for s in stitches:
             s.train()
-        try:
-            losses = optimise(
-                [s.parameters() for s in stitches],
-                step_losses,
-                recipe=recipe,
-                device=dev,
-                total_steps=total,
-                steps_per_epoch=steps_per_epoch,
-                progress=progress,
-                describe=lambda i: f"the cell {models[i].cell}",
-                on_epoch=select,
-                on_step=on_step,
-                active=active,
-            )
-        finally:  # trained stitches are left in eval mode
-            for s in stitches:
-                s.eval()
+        losses = optimise(
+            [s.parameters() for s in stitches],
+            step_losses,
+            recipe=recipe,
+            device=dev,
+            total_steps=total,
+            steps_per_epoch=steps_per_epoch,
+            progress=progress,
+            describe=lambda i: f"the cell {models[i].cell}",
+            on_epoch=select,
+            on_step=on_step,
+            active=active,
+        )
         if select is not None:
             select.restore()
     seconds = time.perf_counter() - start
@@ -276,6 +289,64 @@ def train_stitches(
         TrainResult(epoch_losses, min(total, len(epoch_losses) * steps_per_epoch), seconds, objective, epoch, accuracy)
         for epoch_losses, epoch, (accuracy, _) in zip(losses, select.epochs, select.best)
     ]
+
+
+@contextlib.contextmanager
+def _restored_on_error(models: Sequence[StitchedModel]) -> Iterator[None]:
+    """Put every stitch back as it was (weights and start) when training fails: nothing is left half-trained."""
+    saved = [({k: v.detach().clone() for k, v in m.stitch.state_dict().items()}, m.init) for m in models]
+    try:
+        yield
+    except BaseException:
+        for m, (state, init) in zip(models, saved):
+            m.stitch.load_state_dict(state)
+            m.init = init
+        raise
+
+
+def start_stitches(
+    models: Sequence[StitchedModel],
+    data: Any,
+    *,
+    recipe: Recipe,
+    device: torch.device,
+    batch_fn: BatchFn | None = None,
+) -> None:
+    """Start stitches left at ``init="auto"`` as ``recipe.init`` says, on the training part ``data``.
+
+    ``"lstsq"`` fits every linear stitch in one pass (`fit_least_squares_all`);
+    a stitch of another kind keeps its random start, with a `StitchWarning`.
+    ``"identity"`` sets linear stitches to the identity where the shapes allow.
+    Each model's ``init`` then records the start it got.
+    """
+    if not models:
+        return
+    linear = [m for m in models if m.stitch.linear is not None]
+    others = [m for m in models if m.stitch.linear is None]
+    if recipe.init != "random" and others:
+        warnings.warn(
+            f"Recipe(init={recipe.init!r}) starts linear stitches only; {len(others)} stitch(es) of kind "
+            f"{sorted({m.stitch.kind for m in others})} start at random, which can leave a stitch that exists "
+            "unfound (see docs/trust.md); pass stitch(..., init='random') to say that this is meant",
+            StitchWarning,
+            stacklevel=4,
+        )
+    if recipe.init == "lstsq" and linear:
+        batch_size = max(256, recipe.batch_size)
+        fit_least_squares_all(
+            linear,
+            data,
+            batch_fn=batch_fn,
+            batch_size=batch_size,
+            device=device,
+            what="the training data",
+            positions=recipe.positions,
+        )
+    elif recipe.init == "identity":
+        for m in linear:
+            identity_(m.stitch)
+    for m in models:
+        m.init = recipe.init if m in linear else "random"
 
 
 @contextlib.contextmanager
@@ -291,20 +362,24 @@ def _fill_cache(
 ) -> Iterator[ActivationCache]:
     dataset = getattr(loader, "dataset", None)
     try:
-        capacity = len(dataset) if dataset is not None else len(loader)  # type: ignore[arg-type]
+        if is_batch_list(loader):  # ready-made batches: count their samples
+            capacity = sum(batch_rows(split_batch(b, batch_fn)[0]) or 0 for b in loader)  # type: ignore[union-attr]
+        else:
+            capacity = len(dataset) if dataset is not None else len(loader)  # type: ignore[arg-type]
     except TypeError:
         raise StitchError(
             "cache=True needs data of known length (a map-style Dataset or a DataLoader over one)"
         ) from None
     with ActivationCache(capacity, memory_budget=budget, device=dev, dtype=dtype) as store:
         position = 0
-        for x, y in tqdm(iterate_batches(loader, dev, batch_fn), desc="cache", disable=not progress, leave=False):
+        batches = iterate_batches(loader, dev, batch_fn, what="the training data")
+        for x, y in tqdm(batches, desc="cache", disable=not progress, leave=False):
             with recipe.autocast(dev):
                 rows = {**plan.frozen_outputs(x)}
             if y is not None:
                 rows["y"] = y
-            if plan.needs_input:
-                rows["x"] = x
+            if plan.needs_input or isinstance(x, dict):  # token ids and masks are small; labels come from them
+                rows.update({f"x:{k}": v for k, v in x.items()} if isinstance(x, dict) else {"x": x})
             for key, value in rows.items():
                 store.write(key, position, value)
             position += next(iter(rows.values())).shape[0]
@@ -316,20 +391,25 @@ def _fill_cache(
 def _cached_batches(plan: Plan, store: ActivationCache, recipe: Recipe) -> Iterator[tuple]:
     generator = torch.Generator().manual_seed(recipe.seed)
     n, b = store.rows, recipe.batch_size
-    keys = {*plan.provided_keys, *(plan.expected_keys if plan.objective == "mse" else [])}
+    keys = {*plan.provided_keys, *(plan.expected_keys if plan.objective == "mse" else []), *plan.references}
+    inputs = [k for k in store.names() if k.startswith("x:")]
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, max(n - b, 0) + 1, b) if n > b else [0]:
             index = order[start : start + b]
             reps = {k: store.gather(k, index) for k in keys}
             x = store.gather("x", index) if "x" in store else None
+            if inputs:
+                x = {k[2:]: store.gather(k, index) for k in inputs}
             y = store.gather("y", index) if "y" in store else None
             yield reps, x, y
 
 
 def _live_batches(plan: Plan, loader: Iterable, dev: torch.device, batch_fn: BatchFn | None, recipe: Recipe):
     while True:
-        for x, y in iterate_batches(loader, dev, batch_fn, channels_last=recipe.channels_last):
+        channels_last = recipe.uses_channels_last(dev)
+        batches = iterate_batches(loader, dev, batch_fn, channels_last=channels_last, what="the training data")
+        for x, y in batches:
             with recipe.autocast(dev):
                 reps = plan.frozen_outputs(x)
             yield reps, x, y

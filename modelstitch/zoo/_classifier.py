@@ -105,12 +105,12 @@ def train_classifier(
     steps_per_epoch = len(train_loader)
     steps = total_steps(recipe.epochs, steps_per_epoch)
     model.to(dev)
-    if recipe.channels_last:
+    if recipe.uses_channels_last(dev):
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise StitchError("train_classifier: the model has no trainable parameters")
-    batches = _epochs(train_loader, dev, recipe.channels_last)
+    batches = _epochs(train_loader, dev, recipe.uses_channels_last(dev))
 
     def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         x, y = next(batches)
@@ -147,7 +147,7 @@ def train_classifier(
 def _epochs(loader: Any, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(inputs, labels)`` batches on ``device``, epoch after epoch, forever."""
     while True:
-        for x, y in iterate_batches(loader, device, channels_last=channels_last):
+        for x, y in iterate_batches(loader, device, channels_last=channels_last, what="the training data"):
             if y is None:
                 raise StitchError("train_data must yield (inputs, labels) pairs; it yields inputs only")
             yield x, y

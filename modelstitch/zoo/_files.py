@@ -44,7 +44,8 @@ def save_model(
         ``path`` as a `pathlib.Path`.
 
     Raises:
-        StitchError: ``model`` is not a `SmallResNet`.
+        StitchError: ``model`` is not a `SmallResNet`, or the file cannot be
+            written (a full disk, a read-only folder; see `save_checkpoint`).
     """
     if not isinstance(model, SmallResNet):
         raise StitchError(
