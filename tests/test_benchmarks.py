@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -102,3 +103,31 @@ def test_bench_memory_runs_each_point_in_its_own_process(tmp_path):
     for r in summary["results"]:
         assert _positive_finite(r["setup_rss_mib"]) and r["peak_rss_mib"] >= r["setup_rss_mib"] * 0.9
         assert r["peak_cuda_mib"] is None
+
+
+def test_bench_lm_suffix_writes_its_json(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    bench = _load("bench_lm_suffix")
+    path = tmp_path / "out" / "lm.json"
+    threads = torch.get_num_threads()
+    try:
+        returned = bench.main(
+            ["--device", "cpu", "--layers", "4", "--width", "32", "--batch", "2", "--seq-len", "16", "--repeats", "1",
+             "--steps", "2", "--threads", "1", "--json", str(path)]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(path.read_text())
+    assert result == json.loads(json.dumps(returned))
+    for key in ("device", "torch", "transformers", "cpu_count", "threads", "config", "seconds_per_step", "checks"):
+        assert key in result, key
+    assert result["device"] == "cpu" and result["torch"] == torch.__version__ and result["threads"] == 1
+    assert _positive_finite(result["cpu_count"])
+    assert result["config"]["cell"] == "transformer.h.1->transformer.h.2"
+    assert set(result["seconds_per_step"]) == {"skip", "hook", "floor"}
+    assert all(_positive_finite(v) for v in result["seconds_per_step"].values()), result["seconds_per_step"]
+    assert _positive_finite(result["ratio_skip_to_floor"]) and _positive_finite(result["ratio_hook_to_floor"])
+    assert result["checks"]["floor_vs_skip_logits_max_abs"] <= 1e-4
+    assert all(math.isfinite(v) for v in result["mean_loss"].values()), result["mean_loss"]
+    printed = capsys.readouterr().out
+    assert "ratio_skip_to_floor" in printed and "ratio_hook_to_floor" in printed

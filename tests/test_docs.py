@@ -12,7 +12,7 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # pages whose ```python blocks are complete programs (others show fragments that need your own networks/data)
-RUNNABLE = ["study.md"]
+RUNNABLE = ["study.md", "language-models.md"]
 
 
 def _blocks(page: str) -> list[str]:

@@ -3,7 +3,9 @@
 Every dataset here yields ``(image, label)`` with ``image`` a float32
 ``[3, H, W]`` tensor (normalised unless ``normalize=False``) and ``label`` an
 int. `digits` needs no download at all (scikit-learn ships the images), which
-makes it the dataset for quick checks and tests.
+makes it the dataset for quick checks and tests. For language models,
+`TokenSequences`, `pack_text`, `text_splits` and `pydoc_corpus` give token
+sequences (byte-level by default) from a text that ships with Python.
 
 Examples:
     >>> train, test = digits(train=True), digits(train=False)
@@ -26,25 +28,43 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .._errors import StitchError
 from ..core import loader
 from ._tensor_images import TensorImages, decoded_image_folder
+from ._text import (
+    BYTE_VOCAB,
+    IGNORE_INDEX,
+    TokenSequences,
+    byte_tokens,
+    decode_bytes,
+    pack_text,
+    pydoc_corpus,
+    text_splits,
+)
 
 if TYPE_CHECKING:  # torchvision loads when a dataset is made, not on import
     from torchvision import datasets, transforms
 
 __all__ = [
+    "BYTE_VOCAB",
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DIGITS_CLASSES",
+    "IGNORE_INDEX",
     "TensorImages",
+    "TokenSequences",
+    "byte_tokens",
     "cifar10",
     "cifar10_folder",
+    "decode_bytes",
     "decoded_image_folder",
     "denormalize",
     "digits",
     "image_folder",
     "image_transform",
     "loader",
+    "pack_text",
+    "pydoc_corpus",
     "subset",
+    "text_splits",
 ]
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
