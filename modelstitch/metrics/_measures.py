@@ -358,7 +358,8 @@ def pwcca(X: Any, Y: Any) -> float:
         ux, a, rho = _canonical(xc, yc)
         variates = ux @ a[:, : rho.numel()]  # [N, m]
         alpha = (variates.T @ xc).abs().sum(dim=1)  # [m]
-        return float((alpha / alpha.sum() * rho).sum())
+        # a weighted mean of correlations in [0, 1]; the clamp only undoes rounding (1.0000000000000002 was seen)
+        return float((alpha / alpha.sum() * rho).sum().clamp(0.0, 1.0))
 
 
 # --------------------------------------------------------------------------- Procrustes and regression
