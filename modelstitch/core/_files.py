@@ -85,8 +85,8 @@ def write_error(path: str | os.PathLike[str], err: OSError) -> StitchError:
 
     Examples:
         >>> import errno
-        >>> str(write_error("/x/y.safetensors", OSError(errno.ENOSPC, "No space left on device")))[:92]
-        'could not write /x/y.safetensors: No space left on device (free some space or choose another'
+        >>> str(write_error("run/y.safetensors", OSError(errno.ENOSPC, "No space left on device")))[:93]
+        'could not write run/y.safetensors: No space left on device (free some space or choose another'
     """
     reason = err.strerror or str(err)
     if err.errno in _FULL:

@@ -26,7 +26,17 @@ from typing import Any
 import torch
 
 from .._errors import StitchError
-from ..core import BatchFn, Positions, as_loader, call_model, iterate_batches, position_mask, resolve_device
+from ..core import (
+    BatchFn,
+    Positions,
+    as_loader,
+    call_model,
+    first_input_tensor,
+    iterate_batches,
+    position_mask,
+    prefix_outputs,
+    resolve_device,
+)
 from ..stitches import StitchedModel
 from ._plan import Plan, kl_to
 from ._recipe import Recipe
@@ -122,14 +132,18 @@ def score_stitches(
             reps = plan.frozen_outputs(x)
             mask = x.get("attention_mask") if isinstance(x, dict) else None
             own: dict[int, Any] = {}
+            ablated: dict[str, tuple[Any, Any]] = {}
             for i, (m, task) in enumerate(zip(models, tasks)):
                 expected = reps[plan.expected_keys[i]]
                 stitched_out = m.adapt(reps[plan.provided_keys[i]])
-                outputs = {
-                    "loss": m.receiver_suffix(stitched_out, x),
-                    "zero": m.receiver_suffix(torch.zeros_like(expected), x),
-                    "mean": m.receiver_suffix(means[plan.expected_keys[i]][0].expand_as(expected).to(expected), x),
-                }
+                key = plan.expected_keys[i]
+                if key not in ablated:  # cells that share a receiver layer share its ablations
+                    mean = means[key][0].expand_as(expected).to(expected)
+                    ablated[key] = (
+                        m.receiver_suffix(torch.zeros_like(expected), x),
+                        m.receiver_suffix(mean, x),
+                    )
+                outputs = {"loss": m.receiver_suffix(stitched_out, x), "zero": ablated[key][0], "mean": ablated[key][1]}
                 if id(m.receiver) not in own:
                     own[id(m.receiver)] = call_model(m.receiver, x)
                 outputs["receiver_loss"] = own[id(m.receiver)]
@@ -189,7 +203,10 @@ def _means(plan: Plan, batches: Any, positions: Positions | None) -> dict[str, t
     rows: dict[str, float] = {}
     keys = dict.fromkeys(plan.expected_keys)
     for x, _ in batches:
-        reps = plan.frozen_outputs(x)
+        first_input = first_input_tensor(x)
+        device_type = "cpu" if first_input is None else first_input.device.type
+        with torch.autocast(device_type=device_type, enabled=False):  # the receivers' outputs only, in full precision
+            reps = prefix_outputs(plan.receiver_prefixes, x)
         for key in keys:
             e = reps[key].double()
             weight = _weights(e, position_mask(x, [e], positions))
