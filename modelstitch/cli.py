@@ -297,11 +297,16 @@ def _study_analyze(args: argparse.Namespace) -> None:
     overall = result["triangle"]["overall"]
     for name, floor in result["triangle"]["self_stitch_floor"].items():
         print(f"self-stitch floor {name}: {floor:+.3f} (min over layers of self-stitch - network accuracy)")
-    for kind, s in overall.items():
-        sides = f"{s['lower']:.3f} on or below j/J = i/I, {s['upper']:.3f} above"
-        print(f"{kind}: mean accuracy {sides} (gap {s['gap']:+.3f})")
+    triangles = [("loss recovered", overall), ("accuracy", result["triangle_accuracy"]["overall"])]
+    for value, sides_of in triangles if "triangle_accuracy" in result else [("accuracy", overall)]:
+        for kind, s in sides_of.items():
+            sides = f"{s['lower']:.3f} on or below j/J = i/I, {s['upper']:.3f} above"
+            print(f"{kind}: mean {value} {sides} (gap {s['gap']:+.3f})")
+    for skipped in result["skipped"]:
+        print(f"skipped: {skipped}")
     for c in result["correlations"]:
-        print(f"{c['measure']} vs stitching, {c['pairs']} pairs: Spearman {c['spearman']:+.3f} over {c['cells']} cells")
+        score = "loss recovered" if "triangle_accuracy" in result else "stitching"
+        print(f"{c['measure']} vs {score}, {c['pairs']} pairs: Spearman {c['spearman']:+.3f} over {c['cells']} cells")
     print("wrote " + ", ".join(str(f) for f in result["files"]))
 
 
@@ -333,7 +338,7 @@ def _listed(check: Callable[[list[str], str], Any]) -> Callable[[str], Any]:
 def _parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .core import check_names, integer, number
-    from .metrics import FLATTEN_RULES, LAYER_MEASURES
+    from .metrics import LAYER_MEASURES, LAYER_RULES
     from .study._presets import PRESETS, check_measures
 
     count, positive = _typed(integer(1)), _typed(number(above=0))
@@ -370,8 +375,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--rule",
-        choices=FLATTEN_RULES,
-        help="how maps become vectors: flatten, mean, cls, last (default: flatten for CKA, mean otherwise)",
+        choices=LAYER_RULES,
+        help="how maps become vectors: flatten, mean, cls, last, or positions (each token a sample); default: "
+        "flatten for CKA, mean otherwise",
     )
     compare.add_argument(
         "--layers-a", type=layer_names, help="comma-separated layers of A (default: a ResNet's paper layers)"

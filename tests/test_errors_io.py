@@ -406,6 +406,12 @@ RECIPE_FAILS: list[tuple[str, Callable[[], object], str]] = [
         lambda: ms.Recipe(nesterov=True, momentum=0),
         r"nesterov=True needs momentum > 0, got momentum=0$",
     ),
+    ("unknown optim", lambda: ms.Recipe(optim="adam"), r"optim must be 'sgd' or 'adamw', got 'adam'$"),
+    (
+        "nesterov with adamw",
+        lambda: ms.Recipe(optim="adamw", nesterov=True),
+        r"nesterov=True is SGD's; optim='adamw' has no Nesterov momentum$",
+    ),
     (
         "channels_last as a string",
         lambda: ms.Recipe(channels_last="yes"),

@@ -153,6 +153,31 @@ def test_a_store_from_another_version_is_refused(tmp_path):
         ResultStore(garbage)
 
 
+def test_a_version_2_store_gains_the_score_columns_and_keeps_its_rows(tmp_path):
+    from modelstitch.study._store import SCORE_COLUMNS
+
+    path = tmp_path / "study.sqlite"
+    v2 = [c for c in ms.study.CELL_COLUMNS if c not in SCORE_COLUMNS]
+    key = ("A", "stem", "B", "stem", "task")
+    with sqlite3.connect(path) as db:  # modelstitch 0.3's layout (schema 2): no score columns
+        db.execute(f"CREATE TABLE cells ({', '.join(v2)}, PRIMARY KEY (sender, sender_layer, receiver, receiver_layer, "
+                   "objective))")  # fmt: skip
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT INTO meta VALUES ('schema', '2')")
+        db.execute("INSERT INTO cells (sender, sender_layer, receiver, receiver_layer, objective, accuracy) VALUES "
+                   "(?, ?, ?, ?, ?, 0.75)", key)  # fmt: skip
+    with ResultStore(path) as store:
+        (row,) = store.rows()
+        assert row["accuracy"] == 0.75 and all(row[c] is None for c in SCORE_COLUMNS)
+        assert store.meta("schema") == 3
+        store.add([{**dict(zip(("sender", "sender_layer", "receiver", "receiver_layer", "objective"), key)),
+                    "accuracy": 0.5, "loss_recovered_mean": 0.9}])  # fmt: skip
+        (row,) = store.rows()
+        assert (row["accuracy"], row["loss_recovered_mean"]) == (0.5, 0.9)
+    with ResultStore(path) as store:  # opened again: already version 3, nothing to add
+        assert store.rows()[0]["loss_recovered_mean"] == 0.9
+
+
 def test_zoo_files_are_reused_only_for_the_same_recipe_and_data(tmp_path):
     from modelstitch.study import PRESETS, zoo_models
 

@@ -23,7 +23,7 @@ from .._errors import StitchError
 from ..core import write_text
 from ..study import Study
 from ..study._results import slug
-from ..train import Recipe
+from ..train import Recipe, task_of
 from ._correlation import measure_correlations
 from ._distances import (
     METRICS,
@@ -69,6 +69,11 @@ def analyze(
     6. When the study computed similarity measures, Spearman's rank
        correlation of each with stitching accuracy (`measure_correlations`).
 
+    A study over language models (a causal LM receiver, as ``lm-quick``)
+    gets 5 and 6, with the triangle of loss recovered (mean ablation,
+    ``triangle.md``) beside that of next-token accuracy
+    (``triangle-accuracy.md``); 1-4 are skipped, and ``"skipped"`` says why.
+
     Args:
         study: a `Study` with ``objective="task"``.
         mse_recipe: recipe of the MSE-trained stitches (the paper trained them
@@ -77,13 +82,17 @@ def analyze(
         progress: show progress.
 
     Returns:
-        ``{"tables": ..., "triangle": ..., "images": {...}, "correlations": [...], "files": [...]}``.
+        ``{"tables": ..., "triangle": ..., "images": {...}, "correlations": [...], "files": [...],
+        "skipped": [what was not done, and why]}``; for language models also
+        ``"triangle_accuracy"``, and ``"triangle"`` is of loss recovered.
     """
     if study.objective != "task":
         raise StitchError("analyze() takes the task-objective study; it trains the MSE-objective cells itself")
     study.run(progress=progress)
     out = study.out / "analysis"
     out.mkdir(parents=True, exist_ok=True)
+    if any(task_of(study.models[b]).causal for _, b in study.pairs):
+        return _analyze_language_models(study, out)
     mse = study.sibling(objective="mse", recipe=mse_recipe or study.recipe)
     mse.run(progress=progress)
     rows = representation_distances(study, mse, study.test_data, progress=progress)
@@ -120,7 +129,42 @@ def analyze(
     correlations = measure_correlations(study) if len(study.measures) > 1 else []
     if correlations:
         files.append(_write_csv(out / "measure_correlations.csv", correlations))
-    return {"tables": tables, "triangle": triangle, "images": generated, "correlations": correlations, "files": files}
+    return {
+        "tables": tables,
+        "triangle": triangle,
+        "images": generated,
+        "correlations": correlations,
+        "files": files,
+        "skipped": [],
+    }
+
+
+def _analyze_language_models(study: Study, out: Path) -> dict[str, Any]:
+    """`analyze` for a study whose receivers are language models: the triangles and the correlations."""
+    triangle = triangle_summary(study, value="loss_recovered_mean")
+    by_accuracy = triangle_summary(study)
+    files = [
+        _write_csv(out / "triangle.csv", triangle["pairs"]),
+        write_text(out / "triangle.md", triangle_markdown(triangle, value="loss recovered (mean ablation)")),
+        write_text(out / "triangle-accuracy.md", triangle_markdown(by_accuracy, value="next-token accuracy")),
+    ]
+    correlations = measure_correlations(study, value="loss_recovered_mean") if len(study.measures) > 1 else []
+    if correlations:
+        files.append(_write_csv(out / "measure_correlations.csv", correlations))
+    skipped = [
+        "MSE-trained cells, distance tables (Tables 1-2) and similarity-trained matrices (Figure 5): not yet "
+        "implemented for language models",
+        "images (Figure 6): a language model's input is token ids, not pixels",
+    ]
+    return {
+        "tables": None,
+        "triangle": triangle,
+        "triangle_accuracy": by_accuracy,
+        "images": {},
+        "correlations": correlations,
+        "files": files,
+        "skipped": skipped,
+    }
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

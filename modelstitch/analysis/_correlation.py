@@ -10,8 +10,8 @@ from ..study import Study, StudyResults
 __all__ = ["measure_correlations"]
 
 
-def measure_correlations(results: Study | StudyResults) -> list[dict[str, Any]]:
-    """Spearman's rank correlation between stitching accuracy and each similarity measure, over the cells.
+def measure_correlations(results: Study | StudyResults, *, value: str = "accuracy") -> list[dict[str, Any]]:
+    """Spearman's rank correlation between stitching accuracy (or ``value``) and each similarity measure.
 
     Computed separately over the cells of trained pairs and of control pairs
     (``scipy.stats.spearmanr``). A measure that agrees with stitching on which
@@ -20,6 +20,7 @@ def measure_correlations(results: Study | StudyResults) -> list[dict[str, Any]]:
 
     Args:
         results: a `Study` or `StudyResults` whose measures include more than ``"stitch"``.
+        value: the stored score of a cell to correlate (``"loss_recovered_mean"``...).
 
     Returns:
         One dict per (measure, kind): ``measure``, ``pairs`` (``"trained"`` or
@@ -31,7 +32,7 @@ def measure_correlations(results: Study | StudyResults) -> list[dict[str, Any]]:
     view = results.results if isinstance(results, Study) else results
     controls = set(view.controls.values())
     accuracy = {
-        (r["sender"], r["sender_layer"], r["receiver"], r["receiver_layer"]): r["accuracy"]
+        (r["sender"], r["sender_layer"], r["receiver"], r["receiver_layer"]): r[value]
         for r in view.rows(objective=view.objective)
     }
     out = []

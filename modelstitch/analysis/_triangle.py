@@ -16,8 +16,10 @@ def _position(index: int, depth: int) -> float:
     return index / depth if depth > 0 else 0.0
 
 
-def triangle_summary(results: Study | StudyResults, *, objective: str | None = None) -> dict[str, Any]:
-    """Mean accuracy on each side of the line ``j/J = i/I``, per pair and overall.
+def triangle_summary(
+    results: Study | StudyResults, *, objective: str | None = None, value: str = "accuracy"
+) -> dict[str, Any]:
+    """Mean accuracy (or another stored score) on each side of the line ``j/J = i/I``, per pair and overall.
 
     A cell (sender layer ``i`` of ``I``, receiver layer ``j`` of ``J``, indices
     from 0) is in the *lower* triangle when ``j/J <= i/I``: the receiver layer
@@ -27,6 +29,8 @@ def triangle_summary(results: Study | StudyResults, *, objective: str | None = N
     Args:
         results: a `Study` or `StudyResults`.
         objective: whose cells (default: the study's).
+        value: the cell column to average (``"loss_recovered_mean"``...);
+            the self-stitch floors are of accuracy whatever it is.
 
     Returns:
         ``{"pairs": [{"sender", "receiver", "control", "lower", "upper", "gap",
@@ -41,7 +45,7 @@ def triangle_summary(results: Study | StudyResults, *, objective: str | None = N
     sanity = set(view.sanity_pairs)  # self-stitch diagonals only: not a grid
     per_pair: dict[tuple[str, str], dict[str, list[float]]] = {}
     for row in view.rows(objective=objective):
-        if row["accuracy"] is None or row["sender_index"] < 0 or row["receiver_index"] < 0:
+        if row[value] is None or row["sender_index"] < 0 or row["receiver_index"] < 0:
             continue
         if (row["sender"], row["receiver"]) in sanity:
             continue
@@ -49,7 +53,7 @@ def triangle_summary(results: Study | StudyResults, *, objective: str | None = N
             row["sender_index"], row["sender_depth"]
         )
         sides = per_pair.setdefault((row["sender"], row["receiver"]), {"lower": [], "upper": []})
-        sides["lower" if lower else "upper"].append(row["accuracy"])
+        sides["lower" if lower else "upper"].append(row[value])
     pairs = []
     pooled: dict[str, dict[str, list[float]]] = {
         "trained": {"lower": [], "upper": []},
@@ -80,9 +84,9 @@ def _sides(sides: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
-def triangle_markdown(summary: dict[str, Any]) -> str:
-    """The overall rows of a `triangle_summary` as a Markdown table."""
-    lines = ["| pairs | lower (j/J <= i/I) | upper (j/J > i/I) | gap |", "|---|---|---|---|"]
+def triangle_markdown(summary: dict[str, Any], *, value: str = "accuracy") -> str:
+    """The overall rows of a `triangle_summary` as a Markdown table (``value``: what its means are of)."""
+    lines = [f"| pairs (mean {value}) | lower (j/J <= i/I) | upper (j/J > i/I) | gap |", "|---|---|---|---|"]
     for kind, s in summary["overall"].items():
         lower = f"{s['lower']:.3f} ({s['n_lower']} cells)"
         upper = f"{s['upper']:.3f} ({s['n_upper']} cells)"

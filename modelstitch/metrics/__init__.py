@@ -27,7 +27,7 @@ Examples:
      'linear_regression_r2': 1.0, 'mutual_knn': 1.0}
 """
 
-from ._compare import LAYER_MEASURES, compare_layers
+from ._compare import LAYER_MEASURES, LAYER_RULES, compare_layers
 from ._inputs import FLATTEN_RULES, flatten_features
 from ._measures import (
     MEASURES,
@@ -45,6 +45,7 @@ from ._streaming import MinibatchCKA
 __all__ = [
     "FLATTEN_RULES",
     "LAYER_MEASURES",
+    "LAYER_RULES",
     "MEASURES",
     "MinibatchCKA",
     "cca",

@@ -22,6 +22,20 @@ Example ``study.toml``::
 
     [networks.mine]
     file = "zoo/R1211.safetensors" # a zoo checkpoint
+
+Language models (``pip install "modelstitch[lm]"``)::
+
+    [data]
+    dataset = "text"               # or "pydoc": Python's own help text, bundled
+    file = "corpus.txt"            # a UTF-8 text file: the last 10% is the test split
+    seq_len = 128                  # tokens per sequence
+    tokenizer = "gpt2"             # a from_pretrained name or folder; "bytes" (default): one token per byte
+
+    [networks.gpt2]
+    huggingface = "gpt2"           # AutoModelForCausalLM.from_pretrained(name or folder); its blocks are the layers
+
+    [networks.distilgpt2]
+    huggingface = "distilgpt2"
 """
 
 from __future__ import annotations
@@ -39,7 +53,7 @@ from torch import nn
 
 from .. import data as ms_data
 from .. import zoo
-from .._errors import StitchError
+from .._errors import StitchError, first_line
 from ..core import (
     BOOLEAN,
     SEED,
@@ -83,8 +97,17 @@ _TOP: dict[str, Allowed | None] = {  # None: checked on its own (measures, pairs
     "zoo_recipe": _TABLE,
     "networks": _TABLE,
 }
-_DATA: dict[str, Allowed] = {"dataset": choice(("digits", "cifar10", "folder")), "root": TEXT, "limit": integer(1)}
-_SOURCES = ("zoo", "file", "torchvision", "timm")
+_DATA: dict[str, Allowed] = {
+    "dataset": choice(("digits", "cifar10", "folder", "text", "pydoc")),
+    "root": TEXT,
+    "limit": integer(1),
+    "file": TEXT,
+    "seq_len": integer(2),
+    "tokenizer": TEXT,
+}
+_TEXT_KEYS = ("file", "seq_len", "tokenizer")
+"""[data] keys that only the text datasets read."""
+_SOURCES = ("zoo", "file", "torchvision", "timm", "huggingface")
 _NETWORK: dict[str, Allowed | None] = {  # None: checked on its own (layers)
     "zoo": Allowed("an architecture such as 'R1211' or four block counts such as [3, 4, 6, 3]", _is_architecture),
     "width": integer(1),
@@ -92,6 +115,7 @@ _NETWORK: dict[str, Allowed | None] = {  # None: checked on its own (layers)
     "file": TEXT,
     "torchvision": TEXT,
     "timm": TEXT,
+    "huggingface": TEXT,
     "layers": None,
     "num_classes": integer(1),
 }
@@ -258,8 +282,17 @@ def _check_data(cfg: Mapping[str, Any], path: Path) -> None:
         raise StitchError(f"{path}: [data] dataset = 'folder' needs root = <folder with train/ and test/>")
     if dataset == "cifar10" and root is None:
         raise StitchError(f"{path}: [data] dataset = 'cifar10' needs root = <an image-folder copy or torchvision's>")
-    if dataset == "digits" and root is not None:
-        raise StitchError(f"{path}: [data] dataset = 'digits' is bundled and reads no root; drop root = {root!r}")
+    if dataset in ("digits", "pydoc") and root is not None:
+        raise StitchError(f"{path}: [data] dataset = {dataset!r} is bundled and reads no root; drop root = {root!r}")
+    text_keys = [k for k in _TEXT_KEYS if k in cfg]
+    if dataset not in ("text", "pydoc") and text_keys:
+        raise StitchError(f"{path}: [data] {text_keys[0]} applies to dataset = 'text' or 'pydoc' only")
+    if dataset == "text" and "file" not in cfg:
+        raise StitchError(f"{path}: [data] dataset = 'text' needs file = <a UTF-8 text file>")
+    if dataset == "pydoc" and "file" in cfg:
+        raise StitchError(f"{path}: [data] dataset = 'pydoc' is bundled and reads no file; use dataset = 'text'")
+    if "file" in cfg and not Path(cfg["file"]).is_file():
+        raise StitchError(f"{path}: [data] file = {cfg['file']!r} does not exist")
     if root is not None and not Path(root).is_dir():
         raise StitchError(f"{path}: [data] root = {root!r} is not a folder")
 
@@ -305,7 +338,9 @@ def _check_network(name: str, spec: Any, path: Path) -> None:
     _check_keys(spec, _NETWORK, f"{path}: {label}")
     sources = [s for s in _SOURCES if s in spec]
     if not sources:
-        raise StitchError(f"{path}: {label} needs one of zoo = ..., file = ..., torchvision = ..., timm = ...")
+        raise StitchError(
+            f"{path}: {label} needs one of zoo = ..., file = ..., torchvision = ..., timm = ..., huggingface = ..."
+        )
     if len(sources) > 1:
         raise StitchError(f"{path}: {label} has {' and '.join(sources)}; give one source of the network")
     for key, readers in _ONLY_WITH.items():
@@ -373,6 +408,11 @@ def _pairs(pairs: Any) -> Any:
 
 def _datasets(cfg: dict[str, Any], seed: int) -> tuple[Any, Any, Any, str]:
     dataset, root, limit = cfg.get("dataset", "digits"), cfg.get("root"), cfg.get("limit")
+    if dataset in ("text", "pydoc"):
+        text = ms_data.pydoc_corpus() if dataset == "pydoc" else Path(cfg["file"]).read_text(encoding="utf-8")
+        tokenizer = _tokenizer(cfg.get("tokenizer", "bytes"))
+        train, test = ms_data.text_splits(text, cfg.get("seq_len", 64), tokenizer=tokenizer, limit=limit, seed=seed)
+        return train, test, train, dataset
     if dataset == "folder":
         train = ms_data.image_folder(Path(root) / "train")
         augmented = ms_data.image_folder(Path(root) / "train", augment=True)
@@ -393,8 +433,31 @@ def _recipe(fields: Mapping[str, Any], base: Recipe, table: str, path: Path) -> 
         raise StitchError(f"{path}: [{table}] {err}") from None
 
 
+def _tokenizer(name: str) -> Any:
+    """``None`` for ``"bytes"`` (`byte_tokens`), else ``AutoTokenizer.from_pretrained(name)``."""
+    if name == "bytes":
+        return None
+    from ..zoo._lm import _transformers
+
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise StitchError(f"[data] tokenizer = {name!r} cannot be loaded ({first_line(err)})") from None
+
+
 def _load_network(name: str, spec: Mapping[str, Any], path: Path) -> nn.Module:
     num_classes = spec.get("num_classes", 10)
+    if "huggingface" in spec:
+        from ..zoo._lm import _transformers
+
+        try:
+            model = _transformers().AutoModelForCausalLM.from_pretrained(spec["huggingface"])
+        except (OSError, ValueError) as err:
+            raise StitchError(
+                f"{path}: [networks.{name}] huggingface = {spec['huggingface']!r} cannot be loaded as a causal "
+                f"language model ({first_line(err)})"
+            ) from None
+        return model.eval()
     if "file" in spec:
         return zoo.load_model(Path(spec["file"]))
     if "torchvision" in spec:

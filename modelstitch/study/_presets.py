@@ -1,4 +1,4 @@
-"""Ready-made studies: ``quick`` (offline, minutes on a CPU), ``paper`` and ``resnet18-vs-34``."""
+"""Ready-made studies: ``quick`` and ``lm-quick`` (offline, minutes on a CPU), ``paper``, ``resnet18-vs-34``..."""
 
 from __future__ import annotations
 
@@ -37,22 +37,30 @@ __all__ = ["PRESETS", "Preset", "build_preset_study", "load_dataset", "open_pres
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A study recipe: which small ResNets, on which data, trained how.
+    """A study recipe: which networks (small ResNets or small GPT-2s), on which data, trained how.
 
     Attributes:
         name: the preset's name.
         description: one line for ``--help``.
-        architectures: small-ResNet block counts (``"R1211"`` or tuples).
-        width: channels of the first stage.
-        dataset: ``"digits"`` (offline, bundled with scikit-learn) or ``"cifar10"``.
+        architectures: small-ResNet block counts (``"R1211"`` or tuples), or
+            for language models the depth of each GPT-2 (``"L4"``: 4 blocks).
+        width: channels of the first stage (the residual stream's size for GPT-2s).
+        dataset: ``"digits"`` (offline, bundled with scikit-learn),
+            ``"cifar10"`` or ``"pydoc"`` (English text that ships with
+            Python, as bytes: `modelstitch.data.pydoc_corpus`).
         zoo_recipe: how each network is trained from scratch.
         recipe: how each stitch is trained.
         controls: add a random-weight control of every network.
-        pairs: ``"all"`` (every ordered pair of trained networks) or
-            ``"cross"`` (only pairs of different networks; each network's
-            self-stitch diagonal is still added as its sanity check).
-        limit: training samples used unless the run asks for another number.
+        pairs: ``"all"`` (every ordered pair of trained networks),
+            ``"cross"`` (only pairs of different networks) or ``"first"``
+            (the first network with each other one, both ways); each network's
+            self-stitch diagonal is still added as its sanity check.
+        limit: training samples used unless the run asks for another number
+            (for language models: the stitches' training sequences; the
+            networks train on the whole training split).
         test_limit: test samples used unless the run asks for another number.
+        names: the networks' names (default: their architecture's, ``"R1211"``).
+        seq_len: tokens per sequence (language models).
     """
 
     name: str
@@ -66,6 +74,17 @@ class Preset:
     pairs: str = "all"
     limit: int | None = None
     test_limit: int | None = None
+    names: tuple[str, ...] | None = None
+    seq_len: int = 64
+
+    @property
+    def language(self) -> bool:
+        """Whether the networks are language models (GPT-2s on text)."""
+        return self.dataset == "pydoc"
+
+    def network_names(self) -> list[str]:
+        """The name of each network of `architectures`, in order."""
+        return list(self.names) if self.names else [zoo.architecture_name(b) for b in self.architectures]
 
 
 PRESETS: dict[str, Preset] = {
@@ -96,6 +115,20 @@ PRESETS: dict[str, Preset] = {
             test_limit=2000,
         ),
         Preset(
+            "lm-quick",
+            "two 4-block GPT-2s of different seeds and a 3-block one, with random controls, trained here on "
+            "Python's own help text as bytes; every block into every block; minutes on a CPU",
+            ("L4", "L4", "L3"),
+            width=64,
+            dataset="pydoc",
+            zoo_recipe=zoo.LM_RECIPE,
+            recipe=Recipe(lr=0.01, batch_size=32, base_batch_size=32, epochs=1),
+            pairs="first",
+            limit=512,
+            test_limit=128,
+            names=("L4a", "L4b", "L3"),
+        ),
+        Preset(
             "paper",
             "all 16 small ResNets R1111..R2222 (width 64) and their controls on CIFAR-10 (the paper's networks; "
             "--paper-recipe for its exact stitch recipe)",
@@ -124,7 +157,8 @@ def load_dataset(
     """A preset's dataset split.
 
     Args:
-        name: ``"digits"`` or ``"cifar10"``.
+        name: ``"digits"``, ``"cifar10"`` or ``"pydoc"`` (`pydoc_corpus` as
+            byte sequences of 64 tokens, the last tenth of the text the test split).
         train: the training split (else the test split).
         root: for CIFAR-10, a folder with ``train/<class>/`` and ``test/<class>/``
             images, or torchvision's CIFAR-10 folder.
@@ -133,6 +167,8 @@ def load_dataset(
     """
     if name == "digits":
         return ms_data.digits(train=train)
+    if name == "pydoc":
+        return ms_data.text_splits(ms_data.pydoc_corpus(), 64)[0 if train else 1]
     if name == "cifar10":
         if root is None:
             raise StitchError("CIFAR-10 needs --data-root DIR (an image folder copy, or where torchvision keeps it)")
@@ -140,7 +176,7 @@ def load_dataset(
         if split.is_dir():  # an image-folder copy: decoded once (and cached), batched as tensors
             return ms_data.cifar10_folder(root, train=train, augment=augment, decoded=True)
         return ms_data.cifar10(root, train=train, augment=augment, download=download)
-    raise StitchError(f"unknown dataset {name!r}: use 'digits' or 'cifar10'")
+    raise StitchError(f"unknown dataset {name!r}: use 'digits', 'cifar10' or 'pydoc'")
 
 
 # ---------------------------------------------------------------- checking settings where they enter
@@ -179,45 +215,68 @@ def zoo_models(
 ) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """Train (or load from ``out/zoo``) each network of a preset, and build its random control.
 
+    Network ``k`` starts from seed ``seed + k``; its control is the same
+    architecture drawn from seed ``seed + 1000 + k`` and never trained.
+
     Returns:
-        ``(models, controls)``: networks by name (controls named ``"<arch> random"``)
+        ``(models, controls)``: networks by name (controls named ``"<name> random"``)
         and the map from each network to its control.
     """
     recipe = (recipe or preset.zoo_recipe).replace(seed=seed, **({} if epochs is None else {"epochs": epochs}))
     models: dict[str, torch.nn.Module] = {}
     controls: dict[str, str] = {}
     training = {"recipe": repr(recipe), "width": preset.width, "data": fingerprint_data(train_data)}
-    for k, blocks in enumerate(preset.architectures):
-        name = zoo.architecture_name(blocks)
+    for k, (name, arch) in enumerate(zip(preset.network_names(), preset.architectures)):
         path = out / "zoo" / f"{name}.safetensors"
-        model = zoo.load_model(path, expected_architecture=name) if path.is_file() else None
+        model = _load_network(preset, path, arch) if path.is_file() else None
         if model is not None and model.checkpoint_metadata.get("training") != _jsonable(training):
             if progress:
                 tqdm.write(f"{path} was trained with another recipe or data; training {name} again")
             model = None
         if model is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + k)
-                model = zoo.small_resnet(blocks, width=preset.width)
+            model = _new_network(preset, arch, seed=seed + k)
             if progress:
                 tqdm.write(f"training {name} (width {preset.width}) on {preset.dataset}")
             result = zoo.train_classifier(
                 model, train_data, recipe=recipe, test_data=test_data, device=device, progress=progress
             )
-            zoo.save_model(
-                path,
-                model,
-                dataset=preset.dataset,
-                test_accuracy=result["test_accuracy"],
-                seed=seed + k,
-                training=training,
-            )
+            facts = {"dataset": preset.dataset, "test_accuracy": result["test_accuracy"], "seed": seed + k}
+            if preset.language:
+                zoo.save_language_model(
+                    path, model, metadata={**facts, "test_loss": result["test_loss"], "training": training}
+                )
+            else:
+                zoo.save_model(path, model, **facts, training=training)
         models[name] = model.eval()
         if preset.controls:
             control = f"{name} random"
-            models[control] = zoo.random_control(blocks, seed=seed + 1000 + k, width=preset.width)
+            models[control] = _new_network(preset, arch, seed=seed + 1000 + k)
             controls[name] = control
     return models, controls
+
+
+def _new_network(preset: Preset, arch: Any, *, seed: int) -> torch.nn.Module:
+    """A randomly initialised network of the preset's family, drawn from ``seed``, in eval mode."""
+    if preset.language:
+        return zoo.tiny_gpt2(_depth(arch), width=preset.width, seq_len=preset.seq_len, seed=seed)
+    return zoo.random_control(arch, seed=seed, width=preset.width)
+
+
+def _load_network(preset: Preset, path: Path, arch: Any) -> torch.nn.Module:
+    if not preset.language:
+        return zoo.load_model(path, expected_architecture=arch)
+    model = zoo.load_language_model(path)
+    expected = f"gpt2-L{_depth(arch)}-W{preset.width}"
+    if getattr(model, "architecture", None) != expected:
+        raise StitchError(f"{path} holds a {model.architecture}, but {expected} was expected; use another folder")
+    return model
+
+
+def _depth(arch: Any) -> int:
+    """The number of blocks of a language-model architecture name (``"L4"``: 4)."""
+    if not (isinstance(arch, str) and arch[:1] == "L" and arch[1:].isdigit() and int(arch[1:]) > 0):
+        raise StitchError(f"a language-model architecture is 'L<blocks>' (e.g. 'L4'), got {arch!r}")
+    return int(arch[1:])
 
 
 def _jsonable(value: Any) -> Any:
@@ -354,9 +413,10 @@ def build_preset_study(
     elif settings:
         raise StitchError("pass either options=PresetOptions(...) or its fields as keywords, not both")
     preset = PRESETS[name]
-    if options.data_root is not None and preset.dataset == "digits":
+    if options.data_root is not None and preset.dataset != "cifar10":
         raise StitchError(
-            f"preset {name!r} runs on the bundled digits and reads no --data-root; drop it, or choose a CIFAR-10 "
+            f"preset {name!r} runs on bundled {preset.dataset} data and reads no --data-root; drop it, or choose a "
+            "CIFAR-10 "
             f"preset ({', '.join(sorted(p.name for p in PRESETS.values() if p.dataset == 'cifar10'))})"
         )
     if options.width is not None:
@@ -370,7 +430,9 @@ def build_preset_study(
     test = load_dataset(preset.dataset, train=False, root=root, download=download)
     limit = options.limit if options.limit is not None else preset.limit
     test_limit = options.limit if options.limit is not None else preset.test_limit
-    train_aug, train = (ms_data.subset(d, limit, seed=seed) for d in (train_aug, train))
+    train = ms_data.subset(train, limit, seed=seed)
+    if not preset.language:  # language models train on the whole split; their stitches on `limit` sequences
+        train_aug = ms_data.subset(train_aug, limit, seed=seed)
     test = ms_data.subset(test, test_limit, seed=seed)
     models, controls = zoo_models(
         preset,
@@ -384,6 +446,8 @@ def build_preset_study(
     )
     trained = [n for n in models if n not in controls.values()]
     pairs: Any = [(a, b) for a in trained for b in trained if preset.pairs == "all" or a != b]
+    if preset.pairs == "first":
+        pairs = [(a, b) for a, b in pairs if trained[0] in (a, b)]
     if options.max_pairs is not None:
         pairs = pairs[: options.max_pairs]
     extra = {"memory_budget": options.memory_budget} if options.memory_budget is not None else {}
@@ -467,7 +531,11 @@ def run_preset(
     study = build_preset_study(name, out=out, options=options, device=device, progress=progress, **settings)
     study.run(progress=progress, **(run_options or {}))
     study.to_csv()
-    study.plot()
+    if PRESETS[name].language:  # loss recovered (mean ablation) is the language-model literature's score
+        study.plot(value="loss_recovered_mean")
+        study.plot(study.out / "heatmaps-accuracy")
+    else:
+        study.plot()
     if len(study.measures) > 1:
         study.plot_measures()
     return study

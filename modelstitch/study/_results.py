@@ -153,13 +153,20 @@ class StudyResults:
             return store.to_csv(path or self.out / "cells.csv")
 
     def plot(
-        self, path: str | Path | None = None, *, pairs: Sequence[tuple[str, str]] | None = None, **kwargs: Any
+        self,
+        path: str | Path | None = None,
+        *,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        value: str = "accuracy",
+        **kwargs: Any,
     ) -> Figure:
         """Heatmaps: each trained pair beside its random-control pair (the paper's Figure 2).
 
         Args:
             path: file stem; ``.png`` and ``.svg`` are written (default ``out/heatmaps``).
             pairs: the trained pairs to show (default: every pair that is not a control pair).
+            value: what the cells show: a stored score (``"accuracy"``,
+                ``"loss_recovered_mean"``...) or a measure, as for `matrix`.
             **kwargs: passed to `plot_heatmaps`.
 
         Returns:
@@ -169,10 +176,12 @@ class StudyResults:
         shown = pairs or [p for p in self.pairs if p[0] not in control_names and p not in self.sanity_pairs]
         panels = []
         for a, b in shown:
-            panels.append(self._panel(a, b, f"{a} → {b}"))
+            panels.append(self._panel(a, b, f"{a} → {b}", value))
             if a in self.controls and b in self.controls:
-                panels.append(self._panel(self.controls[a], self.controls[b], f"{a} → {b} (random)"))
+                panels.append(self._panel(self.controls[a], self.controls[b], f"{a} → {b} (random)", value))
         kwargs.setdefault("columns", 2 if any(a in self.controls for a, _ in shown) else None)
+        if value != "accuracy":
+            kwargs.setdefault("label", value.replace("_", " "))
         from ._plot import plot_heatmaps  # matplotlib loads only when a figure is drawn
 
         return plot_heatmaps(panels, path or self.out / "heatmaps", **kwargs)

@@ -23,11 +23,23 @@ from typing import Any
 from .._errors import StitchError
 from ..core import atomic_path
 from ..core._files import write_error
+from ..train import SCORES
 
-__all__ = ["CELL_COLUMNS", "DISTANCE_COLUMNS", "MEASURE_COLUMNS", "SCHEMA_VERSION", "ResultStore", "read_run_meta"]
+__all__ = [
+    "CELL_COLUMNS",
+    "DISTANCE_COLUMNS",
+    "MEASURE_COLUMNS",
+    "SCHEMA_VERSION",
+    "SCORE_COLUMNS",
+    "ResultStore",
+    "read_run_meta",
+]
 
-SCHEMA_VERSION = 2
-"""Layout of the tables; 1 was modelstitch 0.1 (no ``weights`` column, no schema record)."""
+SCHEMA_VERSION = 3
+"""Layout of the tables; 1 was modelstitch 0.1 (no ``weights`` column, no schema record); 2 had no `SCORE_COLUMNS`.
+
+A version-2 store is brought to version 3 when it is opened: its score columns are added, empty.
+"""
 
 KEY_COLUMNS = ("sender", "sender_layer", "receiver", "receiver_layer", "objective")
 CELL_COLUMNS = (
@@ -49,6 +61,9 @@ CELL_COLUMNS = (
     "created",
     "weights",
 )
+SCORE_COLUMNS = tuple(s for s in SCORES if s not in ("accuracy", "loss"))
+"""The scores of `modelstitch.train.score_stitches` beside accuracy and loss: empty unless the study asked for them."""
+CELL_COLUMNS = (*CELL_COLUMNS, *SCORE_COLUMNS)
 MEASURE_COLUMNS = ("sender", "sender_layer", "receiver", "receiver_layer", "measure", "value")
 """Columns of the ``measures`` table: one similarity-measure value of one cell (objective-independent)."""
 
@@ -65,6 +80,7 @@ _TYPES = {
     "holdout_accuracy": "REAL",
     "seconds": "REAL",
     "seed": "INTEGER",
+    **{c: "REAL" for c in SCORE_COLUMNS},
 }
 
 DISTANCE_METRICS = ("EV", "ES", "SV")
@@ -126,6 +142,11 @@ class ResultStore:
             if tables:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if "meta" in tables else None
                 version = json.loads(row[0]) if row else 1
+                if version == 2:  # the score columns are new in 3: added empty, the rows stay as they were
+                    for c in SCORE_COLUMNS:
+                        db.execute(f"ALTER TABLE cells ADD COLUMN {c} REAL")
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (json.dumps(SCHEMA_VERSION),))
+                    version = SCHEMA_VERSION
                 if version != SCHEMA_VERSION:
                     raise StitchError(
                         f"{self.path} was written by another version of modelstitch (store schema {version}, this "

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from .._errors import StitchError, StitchWarning
@@ -46,12 +47,21 @@ from ..core import (
     split_batch,
     suffix,
 )
-from ..metrics import FLATTEN_RULES, LAYER_MEASURES, compare_layers
+from ..metrics import LAYER_MEASURES, LAYER_RULES, compare_layers
 from ..stitches import STITCH_KINDS, StitchedModel, assemble
-from ..train import OBJECTIVES, Recipe, evaluate_stitches, fit_least_squares_all, holdout_split, train_stitches
+from ..train import (
+    OBJECTIVES,
+    Recipe,
+    evaluate_stitches,
+    fit_least_squares_all,
+    holdout_split,
+    score_stitches,
+    task_of,
+    train_stitches,
+)
 from ..zoo import layer_names
 from ._results import SANITY_TOLERANCE, StudyResults, slug
-from ._store import ResultStore
+from ._store import SCORE_COLUMNS, ResultStore
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -124,6 +134,12 @@ class Study:
         measure_rule: how maps and tokens become feature vectors for the
             measures (see `modelstitch.metrics.compare_layers`; ``None`` picks
             per measure).
+        scores: what each cell's test evaluation stores: ``"accuracy"``
+            (accuracy and loss, one pass) or ``"all"`` (also every score of
+            `modelstitch.train.score_stitches`: the receiver's own loss, loss
+            recovered against zero and mean ablation, KL, agreement and FVU;
+            three passes). ``"auto"`` (default): ``"all"`` when a receiver is
+            a causal language model, else ``"accuracy"``.
 
     Examples:
         >>> from modelstitch import zoo, data
@@ -164,6 +180,7 @@ class Study:
         measures: Sequence[str] = ("stitch",),
         measure_rule: str | None = None,
         sanity: bool = True,
+        scores: str = "auto",
     ) -> None:
         if not isinstance(models, Mapping) or not models:
             raise StitchError("a Study needs at least one network in models={name: module}")
@@ -179,6 +196,7 @@ class Study:
             ("sanity", sanity, BOOLEAN),
             ("memory_budget", memory_budget, integer(0)),
             ("eval_batch_size", eval_batch_size, integer(1)),
+            ("scores", scores, choice(("auto", "accuracy", "all"))),
         ):
             allowed.check(value, f"Study: {name}")
         self.models = dict(models)
@@ -217,8 +235,8 @@ class Study:
         known = ("stitch", *LAYER_MEASURES)
         if not self.measures or any(m not in known for m in self.measures):
             raise StitchError(f"measures={tuple(measures)!r}: choose from {known}")
-        if measure_rule is not None and measure_rule not in FLATTEN_RULES:
-            raise StitchError(f"measure_rule={measure_rule!r}: choose None or one of {list(FLATTEN_RULES)}")
+        if measure_rule is not None and measure_rule not in LAYER_RULES:
+            raise StitchError(f"measure_rule={measure_rule!r}: choose None or one of {list(LAYER_RULES)}")
         self.measure_rule = measure_rule
         self.layers = {name: list(self._layers_of(name, layers)) for name in self.models}
         self.pairs = self._expand_pairs(pairs)
@@ -234,6 +252,10 @@ class Study:
                 "pair of trained networks; name the pairs, or networks that are not all controls"
             )
         self.example_input = example_input if example_input is not None else _first_input(train_data)
+        receivers = {b for _, b in self.pairs}
+        if scores == "auto":
+            scores = "all" if any(task_of(self.models[b]).causal for b in receivers) else "accuracy"
+        self.scores = scores
 
     # ------------------------------------------------------------------ layout
 
@@ -592,6 +614,7 @@ class Study:
             rule=self.measure_rule,
             batch_size=self.eval_batch_size,
             device=self.device,
+            positions=self.recipe.positions,
         )
         return [
             {"sender": a, "sender_layer": sl, "receiver": b, "receiver_layer": rl, "measure": m, "value": float(v)}
@@ -628,7 +651,7 @@ class Study:
             cache_dtype=self.cache_dtype,
             on_step=None if self._on_step is None else self._on_step.for_cells(len(cells)),
         )
-        evaluation = self._evaluate(stitched)
+        evaluation = self._evaluate(stitched, scores=self.scores)
         seconds = (time.perf_counter() - start) / len(cells)
         rows = []
         for k, (cell, result, ev) in enumerate(zip(cells, results, evaluation)):
@@ -645,6 +668,7 @@ class Study:
                     "selected_epoch": result.selected_epoch,
                     "holdout_accuracy": result.holdout_accuracy,
                     "init_accuracy": None if init_results is None else init_results[k]["accuracy"],
+                    **{c: ev.get(c) for c in SCORE_COLUMNS},
                     "seconds": seconds,
                     "seed": cell.seed(self.seed),
                     "recipe": repr(self.recipe),
@@ -665,7 +689,17 @@ class Study:
         except StitchError as err:
             raise StitchError(f"network {name!r}: {err}") from None
 
-    def _evaluate(self, stitched: Sequence[nn.Module]) -> list[dict[str, float]]:
+    def _evaluate(self, stitched: Sequence[nn.Module], scores: str = "accuracy") -> list[dict[str, float]]:
+        if scores == "all":
+            return score_stitches(
+                stitched,  # type: ignore[arg-type]
+                self.test_data,
+                device=self.device,
+                batch_size=self.eval_batch_size,
+                recipe=self.recipe,
+                what="the study's test data",
+                positions=self.recipe.positions,
+            )
         return evaluate_stitches(
             stitched,
             self.test_data,
@@ -721,10 +755,13 @@ def _checked_layers(name: str, model: nn.Module, layers: Any) -> list[str]:
 
 
 def _first_input(data: Any) -> Any:
+    """A batch of inputs like ``data``'s, for probing shapes: its first sample (of a Dataset) or two (of a loader)."""
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, torch.utils.data.DataLoader):
-        x, _ = split_batch(data[0])
-        return x.unsqueeze(0) if isinstance(x, torch.Tensor) else x
+        x, _ = split_batch(default_collate([data[0]]))  # a sample as a batch of one: tensors and dicts of tensors
+        return x
     x, _ = split_batch(next(iter(data)))
+    if isinstance(x, dict):
+        return {k: v[:2] if isinstance(v, torch.Tensor) else v for k, v in x.items()}
     return x[:2] if isinstance(x, torch.Tensor) else x
 
 

@@ -46,7 +46,10 @@ class Recipe:
         epochs: passes over the training data.
         warmup: fraction of all steps spent in the linear warmup, in [0, 1).
         base_batch_size: the batch size at which ``lr`` is quoted.
-        nesterov: Nesterov momentum.
+        nesterov: Nesterov momentum (SGD only).
+        optim: ``"sgd"`` (default: SGD with ``momentum``, the paper's) or
+            ``"adamw"`` (AdamW with betas ``(momentum, 0.999)`` and decoupled
+            ``weight_decay``: how the zoo's language models are trained).
         amp: mixed precision (`torch.autocast` with ``amp_dtype``) for the
             networks' forward passes, in training and evaluation alike:
             ``None`` (default) on CUDA only, ``True`` on any device (on the CPU
@@ -101,6 +104,7 @@ class Recipe:
     warmup: float = 0.1
     base_batch_size: int = 256
     nesterov: bool = False
+    optim: str = "sgd"
     amp: bool | None = None
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
@@ -124,6 +128,8 @@ class Recipe:
             raise StitchError(
                 f"Recipe: min_delta only applies with patience=N, got min_delta={self.min_delta!r} and patience=None"
             )
+        if self.nesterov and self.optim != "sgd":
+            raise StitchError(f"Recipe: nesterov=True is SGD's; optim={self.optim!r} has no Nesterov momentum")
         if self.nesterov and self.momentum == 0:
             raise StitchError("Recipe: nesterov=True needs momentum > 0, got momentum=0")
 
@@ -175,8 +181,12 @@ class Recipe:
         progress = (step - warmup_steps) / decay_steps
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
-        """SGD over ``params`` at `scaled_lr` with this recipe's momentum and decay."""
+    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """SGD (or AdamW, see ``optim``) over ``params`` at `scaled_lr` with this recipe's momentum and decay."""
+        if self.optim == "adamw":
+            return torch.optim.AdamW(
+                params, lr=self.scaled_lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay
+            )
         return torch.optim.SGD(
             params,
             lr=self.scaled_lr,
@@ -269,6 +279,7 @@ _RULES: dict[str, tuple[Callable[[object], object], Callable[[Any], bool], str]]
     "warmup": (_number, lambda v: 0 <= v < 1, "is a fraction of all steps, a number in [0, 1)"),
     "base_batch_size": (_whole, lambda v: v >= 1, "must be a whole number >= 1"),
     "nesterov": (_flag, lambda v: True, "must be True or False"),
+    "optim": (_choice("sgd", "adamw"), lambda v: True, "must be 'sgd' or 'adamw'"),
     "amp": (_optional(_flag), lambda v: True, "must be None (CUDA only), True or False"),
     "amp_dtype": (_choice("bfloat16", "float16"), lambda v: True, "must be 'bfloat16' or 'float16'"),
     "channels_last": (_flag, lambda v: True, "must be True or False"),

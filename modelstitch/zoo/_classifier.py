@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._errors import StitchError
-from ..core import as_loader, iterate_batches, resolve_device
-from ..train import Recipe, evaluate, optimise, total_steps
+from ..core import as_loader, call_model, iterate_batches, resolve_device
+from ..train import Recipe, Task, evaluate, optimise, task_of, total_steps
 from ._resnet import _check_positive_int
 
 __all__ = ["CLASSIFIER_RECIPE", "evaluate_classifier", "train_classifier"]
@@ -48,7 +48,11 @@ def train_classifier(
     progress: bool = True,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Train ``model`` as a classifier with cross entropy (in place).
+    """Train ``model`` on its task with cross entropy (in place): a classifier, or a language model.
+
+    The task is `modelstitch.train.task_of` the model: class labels for a
+    classifier; next-token prediction for a causal language model (labels
+    are its ``input_ids``, shifted; a dataset of token dicts needs no labels).
 
     Uses ``recipe.optimizer`` over the trainable parameters and steps
     ``recipe.scheduler`` once per batch. Where ``recipe.uses_amp(device)`` the
@@ -64,7 +68,8 @@ def train_classifier(
     main process repeats too) and restored afterwards.
 
     Args:
-        model: maps ``[B, ...]`` inputs to ``[B, num_classes]`` logits. It is
+        model: maps ``[B, ...]`` inputs to ``[B, num_classes]`` logits (or a
+            language model: ``{"input_ids": [B, T]}`` to ``[B, T, vocab]``). It is
             moved to ``device`` and stays there; with ``recipe.channels_last``
             it is also converted to channels-last.
         train_data: Dataset or DataLoader yielding ``(inputs, labels)`` with
@@ -79,8 +84,8 @@ def train_classifier(
 
     Returns:
         ``{"train_loss": mean loss over the last epoch, "test_accuracy":
-        float in [0, 1] or None, "epochs": recipe.epochs, "steps": optimiser
-        steps taken}``.
+        float in [0, 1] or None, "test_loss": mean test cross entropy (nats)
+        or None, "epochs": recipe.epochs, "steps": optimiser steps taken}``.
 
     Raises:
         StitchError: bad data, or the loss became NaN or infinite (the message
@@ -110,13 +115,14 @@ def train_classifier(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise StitchError("train_classifier: the model has no trainable parameters")
-    batches = _epochs(train_loader, dev, recipe.uses_channels_last(dev))
+    task = task_of(model)
+    batches = _epochs(train_loader, dev, recipe.uses_channels_last(dev), task)
 
     def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         x, y = next(batches)
         with recipe.autocast(dev):
-            logits = model(x)
-        yield [0], [F.cross_entropy(logits.float(), y)]
+            output = call_model(model, x)
+        yield [0], [task.loss(output, y) if task.causal or isinstance(x, dict) else F.cross_entropy(output.float(), y)]
 
     rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     try:
@@ -136,18 +142,25 @@ def train_classifier(
     finally:
         model.eval()
 
-    test_accuracy = None
+    tested = {"accuracy": None, "loss": None}
     if test_data is not None:
-        test_accuracy = evaluate_classifier(
+        tested = evaluate_classifier(
             model, test_data, device=dev, batch_size=max(recipe.batch_size, 256), num_workers=num_workers
-        )["accuracy"]
-    return {"train_loss": epoch_losses[-1], "test_accuracy": test_accuracy, "epochs": recipe.epochs, "steps": steps}
+        )
+    return {
+        "train_loss": epoch_losses[-1],
+        "test_accuracy": tested["accuracy"],
+        "test_loss": tested["loss"],
+        "epochs": recipe.epochs,
+        "steps": steps,
+    }
 
 
-def _epochs(loader: Any, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(inputs, labels)`` batches on ``device``, epoch after epoch, forever."""
+def _epochs(loader: Any, device: torch.device, channels_last: bool, task: Task) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(inputs, labels)`` batches on ``device``, epoch after epoch, forever (a causal LM's labels: its ids)."""
     while True:
         for x, y in iterate_batches(loader, device, channels_last=channels_last, what="the training data"):
+            y = task.labels_for(x, y)
             if y is None:
                 raise StitchError("train_data must yield (inputs, labels) pairs; it yields inputs only")
             yield x, y

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from collections.abc import Sequence
@@ -222,7 +223,8 @@ def layer_names(model_or_blocks: nn.Module | Blocks) -> list[str]:
     Args:
         model_or_blocks: a `SmallResNet`; a torchvision- or timm-style ResNet
             (a top-level ``relu``/``act1`` module and ``layer1``, ``layer2``,
-            ... `nn.Sequential` stages); or a block layout such as ``"R1211"``
+            ... `nn.Sequential` stages); a HuggingFace transformer (its
+            blocks, see `block_names`); or a block layout such as ``"R1211"``
             or ``(2, 2, 2, 2)``.
 
     Returns:
@@ -244,10 +246,14 @@ def layer_names(model_or_blocks: nn.Module | Blocks) -> list[str]:
     stem = next((name for name in ("stem", "relu", "act1") if name in children), None)
     stages = _stage_names(model)
     if stem is None or not stages:
+        from ._lm import block_names
+
+        with contextlib.suppress(StitchError):
+            return block_names(model)  # a HuggingFace transformer: its blocks
         raise StitchError(
             f"layer_names: {type(model).__name__} is not a ResNet this function knows: it expects a top-level "
             "'stem', 'relu' or 'act1' module and nn.Sequential stages 'layer1', 'layer2', ...; "
-            "name the layers to stitch yourself (see model.named_modules())"
+            "or a HuggingFace transformer's blocks; name the layers to stitch yourself (see model.named_modules())"
         )
     return [stem, *stages]
 
