@@ -131,3 +131,17 @@ def test_bench_lm_suffix_writes_its_json(tmp_path, capsys):
     assert all(math.isfinite(v) for v in result["mean_loss"].values()), result["mean_loss"]
     printed = capsys.readouterr().out
     assert "ratio_skip_to_floor" in printed and "ratio_hook_to_floor" in printed
+
+
+@pytest.mark.slow
+def test_lm_positions_reads_a_run_folder_and_writes_its_json(tmp_path):
+    pytest.importorskip("transformers")
+    from modelstitch import zoo
+
+    for k, (name, depth) in enumerate((("L4a", 2), ("L4b", 2), ("L3", 1))):  # the preset's names, tiny networks
+        zoo.save_language_model(tmp_path / "zoo" / f"{name}.safetensors", zoo.tiny_gpt2(depth, width=16, seed=k))
+    result = _load("lm_positions").main([str(tmp_path), "--json", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["norms"]) == {"L4a", "L4b", "L3"} and len(result["norms"]["L3"]) == 1
+    for fit in result["fits"].values():
+        assert fit["cells"] == 4 and -1 < fit["loss_recovered_mean"] < 2 and fit["fvu"] >= 0
