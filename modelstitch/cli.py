@@ -9,6 +9,7 @@ modelstitch study plot runs/quick
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import sys
@@ -158,6 +159,12 @@ def _report(study: Any) -> int:
         print(
             f"self-stitch check {name}: own accuracy {s['accuracy']:.3f}, self-stitch floor {s['floor']:+.3f} "
             f"(at {s['worst_layer']}): {verdict}"
+        )
+    flagged = collections.Counter(r["convergence"] for r in study.rows() if r["convergence"] in ("start", "rising"))
+    if flagged:
+        print(
+            f"{sum(flagged.values())} cells may be under-trained ({flagged['start']} kept their start, "
+            f"{flagged['rising']} still rising at their last epoch; column convergence, dashed orange on the heatmaps)"
         )
     failures = study.failures()
     for f in failures:

@@ -157,7 +157,7 @@ def test_a_version_2_store_gains_the_score_columns_and_keeps_its_rows(tmp_path):
     from modelstitch.study._store import SCORE_COLUMNS
 
     path = tmp_path / "study.sqlite"
-    v2 = [c for c in ms.study.CELL_COLUMNS if c not in SCORE_COLUMNS]
+    v2 = [c for c in ms.study.CELL_COLUMNS if c not in (*SCORE_COLUMNS, "convergence")]
     key = ("A", "stem", "B", "stem", "task")
     with sqlite3.connect(path) as db:  # modelstitch 0.3's layout (schema 2): no score columns
         db.execute(f"CREATE TABLE cells ({', '.join(v2)}, PRIMARY KEY (sender, sender_layer, receiver, receiver_layer, "
@@ -168,7 +168,7 @@ def test_a_version_2_store_gains_the_score_columns_and_keeps_its_rows(tmp_path):
                    "(?, ?, ?, ?, ?, 0.75)", key)  # fmt: skip
     with ResultStore(path) as store:
         (row,) = store.rows()
-        assert row["accuracy"] == 0.75 and all(row[c] is None for c in SCORE_COLUMNS)
+        assert row["accuracy"] == 0.75 and all(row[c] is None for c in (*SCORE_COLUMNS, "convergence"))
         assert store.meta("schema") == 3
         store.add([{**dict(zip(("sender", "sender_layer", "receiver", "receiver_layer", "objective"), key)),
                     "accuracy": 0.5, "loss_recovered_mean": 0.9}])  # fmt: skip

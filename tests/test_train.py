@@ -669,3 +669,30 @@ def test_a_paper_recipe_keeps_the_random_start_and_other_kinds_warn(trained, dig
     with pytest.warns(ms.StitchWarning, match=r"Recipe\(init='lstsq'\) starts linear stitches only; 1 stitch\(es\)"):
         ms.train_stitch(mlp, tr, recipe=ms.Recipe(epochs=1, batch_size=64), device=CPU, progress=False)
     assert mlp.init == "random"
+
+
+def test_convergence_flags_a_cell_that_stays_at_its_start_and_one_still_rising(trained, digits, tmp_path):
+    tr, te = digits
+    model, _ = trained
+    recipe = ms.Recipe(epochs=1, batch_size=64)
+    exact = _fresh_stitch(model, "layer2.0", model, "layer2.0")  # least squares finds the identity
+    # a step size far too large only makes the exact start worse: the held-out selection keeps the start
+    (kept,) = ms.train_stitches([exact], tr, recipe=recipe.replace(lr=3.0), device=CPU, progress=False)
+    assert (kept.selected_epoch, kept.convergence) == (0, "start")
+    rising = _fresh_stitch(model, "layer1.0", model, "layer3.0", init="random")  # at chance before training
+    (rose,) = ms.train_stitches([rising], tr, recipe=recipe, device=CPU, progress=False)
+    assert (rose.selected_epoch, rose.convergence) == (1, "rising")
+    assert ms.train_stitch(exact, tr, recipe=recipe.replace(holdout=0), device=CPU, progress=False).convergence is None
+    # in a study: stored per cell, in cells.csv, and outlined on the heatmaps
+    nets = {"A": model, "B": model}
+    study = ms.Study(nets, train_data=tr, test_data=te, out=tmp_path, pairs=[("A", "B")], sanity=False,
+                     layers={"A": ["layer2.0"], "B": ["layer2.0", "layer3.0"]}, recipe=recipe.replace(lr=3.0),
+                     device=CPU)  # fmt: skip
+    study.run(progress=False)
+    flags = {r["receiver_layer"]: r["convergence"] for r in study.rows()}
+    assert flags["layer2.0"] == "start"  # the same network at the same layer: an exact start, made worse by training
+    assert set(flags.values()) <= {"start", "rising", "settled"}
+    header = study.to_csv().read_text().splitlines()[0].split(",")
+    assert "convergence" in header
+    panel = study.results._panel("A", "B", "A -> B")
+    assert (0, 0) in panel.flags and panel.marks == []

@@ -48,6 +48,8 @@ class Panel:
         receiver_name: X-axis label.
         marks: ``(i, j)`` cells to outline in red, e.g. self-stitches that
             failed their sanity check.
+        flags: ``(i, j)`` cells to outline in dashed orange, e.g. cells that
+            may be under-trained (their ``convergence`` is ``"start"`` or ``"rising"``).
 
     Raises:
         StitchError: If ``matrix`` is not 2-D and non-empty, or a label list has the wrong length.
@@ -60,6 +62,7 @@ class Panel:
     sender_name: str = "sender"
     receiver_name: str = "receiver"
     marks: Sequence[tuple[int, int]] = ()
+    flags: Sequence[tuple[int, int]] = ()
 
     def __post_init__(self) -> None:
         matrix = _as_matrix(self.matrix, f"panel {self.title!r}")
@@ -128,7 +131,7 @@ def plot_heatmaps(
     axes = []
     for k, panel in enumerate(panels):
         ax = fig.add_subplot(rows, columns, k + 1)
-        _draw(ax, panel.matrix, norm, colours, diagonal, panel.marks)
+        _draw(ax, panel.matrix, norm, colours, diagonal, panel.marks, panel.flags)
         ax.set_title(panel.title)
         ax.set_xlabel(panel.receiver_name)
         ax.set_ylabel(panel.sender_name)
@@ -236,10 +239,15 @@ def _draw(
     cmap: Colormap,
     diagonal: bool,
     marks: Sequence[tuple[int, int]] = (),
+    flags: Sequence[tuple[int, int]] = (),
 ) -> None:
     """Show ``matrix`` ``[I, J]`` with row 0 at the top; optionally the line ``j/J = i/I`` and outlined cells."""
     rows, cols = matrix.shape
     ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, origin="upper", interpolation="nearest")
+    for i, j in flags:
+        ax.add_patch(
+            Rectangle((j - 0.42, i - 0.42), 0.84, 0.84, fill=False, edgecolor="orange", linewidth=1.5, linestyle="--")
+        )
     for i, j in marks:
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0))
     if diagonal:

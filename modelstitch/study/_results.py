@@ -16,10 +16,13 @@ if TYPE_CHECKING:
 
     from ._plot import Panel
 
-__all__ = ["SANITY_TOLERANCE", "StudyResults", "slug"]
+__all__ = ["SANITY_TOLERANCE", "UNDERTRAINED", "StudyResults", "slug"]
 
 SANITY_TOLERANCE = 0.02
 """How far (accuracy, absolute) a self-stitch may fall below its network's own accuracy and still pass."""
+
+UNDERTRAINED = ("start", "rising")
+"""The ``convergence`` values of a cell that may be under-trained: it kept its start, or was still rising."""
 
 
 class StudyResults:
@@ -169,6 +172,10 @@ class StudyResults:
                 ``"loss_recovered_mean"``...) or a measure, as for `matrix`.
             **kwargs: passed to `plot_heatmaps`.
 
+        A red outline marks a self-stitch that failed its sanity check; a
+        dashed orange one a cell that may be under-trained (its
+        ``convergence`` is ``"start"`` or ``"rising"``, see `TrainResult`).
+
         Returns:
             The matplotlib ``Figure``.
         """
@@ -205,8 +212,14 @@ class StudyResults:
                 for i, layer in enumerate(self.layers[a])
                 if failed["cells"].get(layer, 1.0) < failed["accuracy"] - SANITY_TOLERANCE
             ]
+        flags = [
+            (row["sender_index"], row["receiver_index"])
+            for row in self.rows(sender=a, receiver=b, objective=self.objective)
+            if row["convergence"] in UNDERTRAINED and row["sender_index"] >= 0 and row["receiver_index"] >= 0
+        ] if value not in self.measures or value == "stitch" else []  # fmt: skip
         return Panel(
             marks=marks,
+            flags=flags,
             title=title,
             matrix=self.matrix(a, b, value=value),
             sender_labels=[f"{i} {n}" for i, n in enumerate(self.layers[a])],

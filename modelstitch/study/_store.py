@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 3
-"""Layout of the tables; 1 was modelstitch 0.1 (no ``weights`` column, no schema record); 2 had no `SCORE_COLUMNS`.
+"""Layout of the tables; 1 was modelstitch 0.1 (no ``weights`` column, no schema record); 2 had no
+`SCORE_COLUMNS` and no ``convergence``.
 
 A version-2 store is brought to version 3 when it is opened: its score columns are added, empty.
 """
@@ -54,6 +55,7 @@ CELL_COLUMNS = (
     "init_accuracy",
     "selected_epoch",
     "holdout_accuracy",
+    "convergence",
     "seconds",
     "seed",
     "recipe",
@@ -142,9 +144,9 @@ class ResultStore:
             if tables:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if "meta" in tables else None
                 version = json.loads(row[0]) if row else 1
-                if version == 2:  # the score columns are new in 3: added empty, the rows stay as they were
-                    for c in SCORE_COLUMNS:
-                        db.execute(f"ALTER TABLE cells ADD COLUMN {c} REAL")
+                if version == 2:  # new in 3: the score columns and convergence, added empty; the rows stay
+                    for c in (*SCORE_COLUMNS, "convergence"):
+                        db.execute(f"ALTER TABLE cells ADD COLUMN {c} {_TYPES.get(c, 'TEXT')}")
                     db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (json.dumps(SCHEMA_VERSION),))
                     version = SCHEMA_VERSION
                 if version != SCHEMA_VERSION:

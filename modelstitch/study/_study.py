@@ -667,6 +667,7 @@ class Study:
                     "train_loss": result.final_loss,
                     "selected_epoch": result.selected_epoch,
                     "holdout_accuracy": result.holdout_accuracy,
+                    "convergence": result.convergence,
                     "init_accuracy": None if init_results is None else init_results[k]["accuracy"],
                     **{c: ev.get(c) for c in SCORE_COLUMNS},
                     "seconds": seconds,

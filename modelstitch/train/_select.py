@@ -101,6 +101,7 @@ class BestEpoch:
         self.states: list[dict[str, torch.Tensor] | None] = [None] * len(self.models)
         self.active = [True] * len(self.models)  # which stitches still train (all, without recipe.patience)
         self.counted = [(-math.inf, 0)] * len(self.models)  # (accuracy, epoch) of the last counted improvement
+        self.last = [0] * len(self.models)  # the last epoch at which each stitch was evaluated
 
     def __call__(self, epoch: int) -> None:
         """Evaluate the active stitches on the held-out data; remember the states that improved."""
@@ -116,6 +117,7 @@ class BestEpoch:
         )
         patience, delta = self.recipe.patience, self.recipe.min_delta
         for i, result in zip(indices, results):
+            self.last[i] = epoch
             score = (result["accuracy"], -result["loss"])
             improved = score > self.best[i]
             if improved:
@@ -125,6 +127,14 @@ class BestEpoch:
                 self.counted[i] = (result["accuracy"], epoch)
             if patience is not None and epoch - self.counted[i][1] >= patience:
                 self.active[i] = False
+
+    def convergence(self, i: int) -> str:
+        """How stitch ``i``'s training ended: ``"start"`` (the kept state is the one before training),
+        ``"rising"`` (its held-out score rose at the last epoch it trained: more epochs may raise it further)
+        or ``"settled"`` (it peaked earlier)."""
+        if self.epochs[i] == 0:
+            return "start"
+        return "rising" if self.epochs[i] == self.last[i] else "settled"
 
     def restore(self) -> None:
         """Load each stitch's best state back."""

@@ -50,6 +50,11 @@ class TrainResult:
         selected_epoch: the epoch whose state was kept (0: the state before
             training), or ``None`` without held-out selection (the last).
         holdout_accuracy: the kept state's accuracy on the held-out data, or ``None``.
+        convergence: with held-out selection, ``"start"`` when the kept state
+            is the start (training never beat it on the held-out data),
+            ``"rising"`` when the held-out score still rose at the last epoch
+            (the stitch may be under-trained: more epochs may help) and
+            ``"settled"`` when it peaked earlier; ``None`` without held-out data.
     """
 
     epoch_losses: list[float]
@@ -58,6 +63,7 @@ class TrainResult:
     objective: str
     selected_epoch: int | None = None
     holdout_accuracy: float | None = None
+    convergence: str | None = None
 
     @property
     def final_loss(self) -> float:
@@ -286,8 +292,16 @@ def train_stitches(
     if select is None:
         return [TrainResult(epoch_losses, total, seconds, objective) for epoch_losses in losses]
     return [  # a stitch stopped by recipe.patience has fewer epochs, so took fewer steps
-        TrainResult(epoch_losses, min(total, len(epoch_losses) * steps_per_epoch), seconds, objective, epoch, accuracy)
-        for epoch_losses, epoch, (accuracy, _) in zip(losses, select.epochs, select.best)
+        TrainResult(
+            epoch_losses,
+            min(total, len(epoch_losses) * steps_per_epoch),
+            seconds,
+            objective,
+            epoch,
+            accuracy,
+            select.convergence(i),
+        )
+        for i, (epoch_losses, epoch, (accuracy, _)) in enumerate(zip(losses, select.epochs, select.best))
     ]
 
 
