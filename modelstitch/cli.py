@@ -506,22 +506,47 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None, out_hel
     parser.add_argument(
         "--threads",
         type=count,
-        help="CPU threads torch uses (default: the cores not already busy, by the load average; at least 1)",
+        help="CPU threads torch uses (default: the cores not busy with other runnable processes now; at least 1)",
     )
 
 
 def _free_cores(cores: int) -> int:
-    """Threads for torch: its default (one per physical core) less the cores other work keeps busy.
+    """Threads for torch: its default (one per physical core) less the cores other work keeps busy now.
 
     On 2 cores with two other busy processes, one cell of benchmarks/bench_train.py took 0.65 s with one
     thread and 8.1 s with two (docs/performance.md): torch's thread pools wait for busy cores, so asking
     for more threads than are free costs far more than it can gain on small models.
+
+    "Busy now" is the fewest other runnable processes seen in a few samples of ``/proc/loadavg`` over
+    about 0.1 s (its fourth field counts the runnable ones; this process is one of them). The one-minute
+    load average is not used: it still counts work that ended up to minutes ago (a ``pip install`` just
+    before the main job gave it one thread of two on an idle machine). Without ``/proc`` (macOS,
+    Windows), the load average is the fallback.
     """
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return cores
-    return max(1, min(cores, round(cores - busy)))
+    others = _runnable_others()
+    if others is None:
+        try:
+            others = os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            return cores
+    return max(1, min(cores, round(cores - others)))
+
+
+def _runnable_others(samples: int = 5, interval: float = 0.02) -> int | None:
+    """The fewest runnable processes besides this one over ``samples`` reads of ``/proc/loadavg``, or None."""
+    import time
+
+    seen = []
+    for k in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        seen.append(running - 1)
+        if k + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(seen))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,3 +57,17 @@ def test_cli_lists_a_vit_at_its_own_input_size(capsys):
     out = capsys.readouterr().out
     assert "blocks.11" in out
     assert "(197, 192)" in out  # 14 x 14 patches + class token at 224 x 224, from timm's pretrained_cfg
+
+
+def test_the_cli_counts_the_processes_running_now_not_the_load_average():
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc/loadavg on this platform: the load average is used")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        assert cli._runnable_others() >= 2  # the two spinners (and whatever else runs)
+        assert cli._free_cores(2) == 1  # never fewer than one thread
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
