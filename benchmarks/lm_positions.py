@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     nets = {n: zoo.load_language_model(args.run / "zoo" / f"{n}.safetensors") for n in dict.fromkeys(names)}
     train = subset(load_dataset("pydoc", train=True), preset.limit)
     test = subset(load_dataset("pydoc", train=False), preset.test_limit)
-    batch = {k: torch.stack([test[i][k] for i in range(len(test))]) for k in ("input_ids", "attention_mask")}
+    batch = {"input_ids": test.input_ids, "attention_mask": test.attention_mask}  # the whole split, one batch
 
     norms = {}
     for name, net in nets.items():

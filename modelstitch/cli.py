@@ -13,6 +13,7 @@ import collections
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,15 +153,17 @@ def _study_run(args: argparse.Namespace) -> int:
 
 
 def _report(study: Any) -> int:
-    n = len(study.rows())
-    print(f"{n} cells in {study.store_path}; table {study.out / 'cells.csv'}; heatmaps {study.out / 'heatmaps.png'}")
+    rows, out = study.rows(), study.out
+    print(f"{len(rows)} cells in {study.store_path}; table {out / 'cells.csv'}; heatmaps {out / 'heatmaps.png'}")
     for name, s in study.results.self_stitch().items():
         verdict = "FAILED: low cells may mean 'not found', see docs/trust.md" if s["failed"] else "ok"
         print(
             f"self-stitch check {name}: own accuracy {s['accuracy']:.3f}, self-stitch floor {s['floor']:+.3f} "
             f"(at {s['worst_layer']}): {verdict}"
         )
-    flagged = collections.Counter(r["convergence"] for r in study.rows() if r["convergence"] in ("start", "rising"))
+    from .study._results import UNDERTRAINED
+
+    flagged = collections.Counter(r["convergence"] for r in rows if r["convergence"] in UNDERTRAINED)
     if flagged:
         print(
             f"{sum(flagged.values())} cells may be under-trained ({flagged['start']} kept their start, "
@@ -533,9 +536,11 @@ def _free_cores(cores: int) -> int:
 
 
 def _runnable_others(samples: int = 5, interval: float = 0.02) -> int | None:
-    """The fewest runnable processes besides this one over ``samples`` reads of ``/proc/loadavg``, or None."""
-    import time
+    """The fewest runnable processes besides this one over ``samples`` reads of ``/proc/loadavg``, or None.
 
+    ``/proc/loadavg`` is the Linux kernel's interface (the same on every Linux machine), not a path of this
+    workplace; where it is absent the caller falls back to `os.getloadavg`.
+    """
     seen = []
     for k in range(samples):
         try:

@@ -212,11 +212,14 @@ class StudyResults:
                 for i, layer in enumerate(self.layers[a])
                 if failed["cells"].get(layer, 1.0) < failed["accuracy"] - SANITY_TOLERANCE
             ]
-        flags = [
-            (row["sender_index"], row["receiver_index"])
-            for row in self.rows(sender=a, receiver=b, objective=self.objective)
-            if row["convergence"] in UNDERTRAINED and row["sender_index"] >= 0 and row["receiver_index"] >= 0
-        ] if value not in self.measures or value == "stitch" else []  # fmt: skip
+        flags = []  # cells that may be under-trained: a stitching score only, not a similarity measure
+        if value not in self.measures or value == "stitch":
+            rows = self.rows(sender=a, receiver=b, objective=self.objective)
+            flags = [
+                (row["sender_index"], row["receiver_index"])
+                for row in rows
+                if row["convergence"] in UNDERTRAINED and row["sender_index"] >= 0 and row["receiver_index"] >= 0
+            ]
         return Panel(
             marks=marks,
             flags=flags,
