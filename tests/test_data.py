@@ -79,6 +79,18 @@ def test_digits_split_is_a_partition():
     assert parts == everything
 
 
+def test_digits_image_size_resizes_the_same_split():
+    native = load_digits()
+    small, big = digits(train=False, normalize=False, image_size=8), digits(train=False, normalize=False)
+    assert small.tensors[0].shape[1:] == (3, 8, 8) and torch.equal(small.tensors[1], big.tensors[1])
+    # at their own 8x8 the images are the bundled pixels (bilinear resizing to the same size is the identity)
+    pixels = {img.tobytes() for img in (native.images / 16.0).astype(np.float32)}
+    assert all(img[0].numpy().tobytes() in pixels for img in small.tensors[0])
+    for bad in (7, 16.0, True, "16"):
+        with pytest.raises(StitchError, match="image_size"):
+            digits(image_size=bad)
+
+
 def test_digits_split_is_deterministic_and_stratified():
     a, b = digits(train=False, seed=0), digits(train=False, seed=0)
     assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])

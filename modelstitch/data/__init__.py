@@ -265,11 +265,11 @@ def cifar10_folder(
     return dataset
 
 
-def digits(*, train: bool = True, normalize: bool = True, seed: int = 0) -> TensorDataset:
+def digits(*, train: bool = True, normalize: bool = True, seed: int = 0, image_size: int = 32) -> TensorDataset:
     """scikit-learn's 8x8 handwritten digits as a small offline RGB image dataset.
 
-    The 1,797 images (values 0-16) are scaled to [0, 1], resized to 32x32
-    (bilinear) and repeated to three channels. A stratified split with
+    The 1,797 images (values 0-16) are scaled to [0, 1], resized to
+    ``image_size x image_size`` (bilinear; 32x32 by default) and repeated to three channels. A stratified split with
     ``seed`` puts 80% (1,437) in train and 20% (360) in test. With
     ``normalize`` both splits are normalised with the train split's
     per-channel mean and standard deviation. No download is needed.
@@ -278,9 +278,11 @@ def digits(*, train: bool = True, normalize: bool = True, seed: int = 0) -> Tens
         train: return the train split, or else the test split.
         normalize: normalise (see above); otherwise values are in [0, 1].
         seed: seeds the split; the same seed always gives the same split.
+        image_size: height and width of the images (at least 8, their own
+            resolution; the quick preset uses 16).
 
     Returns:
-        A `TensorDataset` of float32 images ``[N, 3, 32, 32]`` and int64
+        A `TensorDataset` of float32 images ``[N, 3, image_size, image_size]`` and int64
         labels ``[N]``; its ``classes`` attribute is `DIGITS_CLASSES` and its
         ``mean``/``std`` attributes are the per-channel statistics used (for
         `denormalize`; zeros and ones when ``normalize=False``).
@@ -293,11 +295,13 @@ def digits(*, train: bool = True, normalize: bool = True, seed: int = 0) -> Tens
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise StitchError(f"digits: image_size is the images' side, an int >= 8 (they are 8x8), got {image_size!r}")
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32) / 16.0  # [1797, 8, 8], in [0, 1]
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
-    images = F.interpolate(images[:, None], size=(32, 32), mode="bilinear", align_corners=False)
-    images = images.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()  # [1797, 3, 32, 32]
+    images = F.interpolate(images[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = images.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()  # [1797, 3, image_size, image_size]
 
     train_idx, test_idx = train_test_split(
         torch.arange(len(labels)).numpy(), test_size=0.2, stratify=labels.numpy(), random_state=seed
