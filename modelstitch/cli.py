@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import fnmatch
 import os
 import sys
 import time
@@ -116,8 +117,7 @@ def _study_run(args: argparse.Namespace) -> int:
                 f"{args.config} (docs/study.md)"
             )
         study = study_from_file(args.config, out=args.out, device=args.device, progress=not args.quiet)
-        study.run(progress=not args.quiet, **run_options)
-        study.to_csv()
+        study.run(progress=not args.quiet, **run_options)  # writes cells.csv too
         study.plot()
         if len(study.measures) > 1:
             study.plot_measures()
@@ -237,20 +237,22 @@ def _compare(args: argparse.Namespace) -> None:
 
     _check_data_flags(args)
     device = resolve_device(args.device)
+    data = load_dataset(args.data, train=False, root=args.data_root)
+    data = subset(data, args.limit, seed=args.seed)
+    example = data[0][0].unsqueeze(0)  # one input like the data, for listing the layers
     nets, layers = {}, {}
     for side, name, given in (("A", args.a, args.layers_a), ("B", args.b, args.layers_b)):
         nets[side] = _build_model(name, args.num_classes).eval()
         if given is not None:
-            layers[side] = given
+            layers[side] = _matching_layers(nets[side], given, example, f"--layers-{side.lower()}", name)
         else:
             try:
                 layers[side] = zoo.layer_names(nets[side])
             except StitchError:
                 raise StitchError(
-                    f"{name}: pass --layers-{side.lower()} name,name,... (modelstitch layers {name} lists them)"
+                    f"{name}: pass --layers-{side.lower()} name,name,... , a pattern such as 'layer*.0', or all "
+                    f"(modelstitch layers {name} lists them)"
                 ) from None
-    data = load_dataset(args.data, train=False, root=args.data_root)
-    data = subset(data, args.limit, seed=args.seed)
     matrices = compare_layers(
         nets["A"], layers["A"], nets["B"], layers["B"], data, measures=args.measures, rule=args.rule, device=device
     )
@@ -283,6 +285,68 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'compare.csv'} and {out / 'compare.png'}")
 
 
+def _matching_layers(model: Any, given: Sequence[str], example: Any, flag: str, name: str) -> list[str]:
+    """The layers ``given`` names: ``all``, exact names, and patterns (``layer*.0``, see `_layer_matches`).
+
+    The listing is that of ``modelstitch layers`` (`modelstitch.layer_specs`: ``"input"`` first, then every
+    module whose output holds a tensor, in execution order, ``"name:k"`` for a module that runs more than
+    once). ``all`` gives every layer of it, a pattern the layers it matches, in its order; an exact name is
+    passed on as given (and checked where it is used); a layer named twice counts once.
+
+    Args:
+        model: the network.
+        given: the comma-separated items of ``flag``.
+        example: one input batch like the data, to probe the layers with.
+        flag: the option, for messages (``"--layers-a"``).
+        name: the model as given on the command line, for messages.
+
+    Raises:
+        StitchError: a pattern matches no layer (the message names it and the closest layer names).
+    """
+    import difflib
+
+    from .core import layer_specs
+
+    listing = [spec.name for spec in layer_specs(model, example)]
+    out: list[str] = []
+    for item in given:
+        if item == "all":
+            out += listing
+        elif not any(c in item for c in "*?["):
+            out.append(item)
+        else:
+            matched = [layer for layer in listing if _layer_matches(item, layer)]
+            if not matched:
+                close = difflib.get_close_matches(item, listing, n=5, cutoff=0.4)
+                hint = f"; closest: {', '.join(close)}" if close else ""
+                raise StitchError(
+                    f"{flag} {item!r} matches no layer of {name}{hint} (modelstitch layers {name} lists them all)"
+                )
+            out += matched
+    return list(dict.fromkeys(out))
+
+
+def _layer_matches(pattern: str, name: str) -> bool:
+    """Whether a dotted layer ``name`` matches a shell-style ``pattern``, part by part.
+
+    Each dot-separated part of the pattern is an `fnmatch` pattern for one part of the name, so ``*`` stays
+    within a part: ``layer*.0`` matches ``layer1.0`` but not ``layer2.0.downsample.0``. A part ``**`` spans
+    any number of parts: ``layer1.**`` matches ``layer1`` and everything inside it.
+
+    >>> [n for n in ["layer1.0", "layer2.0.downsample.0", "layer2.0.conv1"] if _layer_matches("layer*.0", n)]
+    ['layer1.0']
+    """
+
+    def match(parts: list[str], names: list[str]) -> bool:
+        if not parts:
+            return not names
+        if parts[0] == "**":
+            return any(match(parts[1:], names[k:]) for k in range(len(names) + 1))
+        return bool(names) and fnmatch.fnmatchcase(names[0], parts[0]) and match(parts[1:], names[1:])
+
+    return match(pattern.split("."), name.split("."))
+
+
 def _study_plot(args: argparse.Namespace) -> None:
     from .study import StudyResults
 
@@ -298,25 +362,60 @@ def _study_plot(args: argparse.Namespace) -> None:
 
 def _study_analyze(args: argparse.Namespace) -> None:
     from . import analysis
-    from .study import open_preset_study
+    from .study import StudyResults, open_preset_study, read_run_meta, study_from_file
 
-    study = open_preset_study(args.run_dir, device=args.device, progress=not args.quiet)
-    mse_recipe = None if args.mse_epochs is None else study.recipe.replace(epochs=args.mse_epochs)
+    progress = not args.quiet
     images = [tuple(args.image_pair)] if args.image_pair else ([] if args.no_images else None)
-    result = analysis.analyze(study, mse_recipe=mse_recipe, images=images, progress=not args.quiet)
+    if args.config is not None:  # the TOML file rebuilds the networks and data: every analysis
+        study: Any = study_from_file(args.config, out=args.run_dir, device=args.device, progress=progress)
+    elif read_run_meta(args.run_dir, "preset") is not None:
+        study = open_preset_study(args.run_dir, device=args.device, progress=progress)
+    else:  # made in Python (or from a TOML file not given): what the store holds
+        study = StudyResults.open(args.run_dir)
+        flags = (("--mse-epochs", args.mse_epochs), ("--image-pair", args.image_pair))
+        given = [flag for flag, value in flags if value]
+        if given:
+            raise StitchError(
+                f"{given[0]} needs the study's networks and data, and {args.run_dir} is not a preset's run folder: "
+                "for a study from a TOML file add --config FILE; for one made in Python call "
+                "modelstitch.analysis.analyze(study) there; or drop the flag"
+            )
+        print(f"{args.run_dir} was not made from a preset: analysing its stored cells only (see 'skipped' below)")
+    if isinstance(study, StudyResults):
+        result = analysis.analyze(study)
+    else:
+        mse_recipe = None if args.mse_epochs is None else study.recipe.replace(epochs=args.mse_epochs)
+        result = analysis.analyze(study, mse_recipe=mse_recipe, images=images, progress=progress)
     overall = result["triangle"]["overall"]
     for name, floor in result["triangle"]["self_stitch_floor"].items():
         print(f"self-stitch floor {name}: {floor:+.3f} (min over layers of self-stitch - network accuracy)")
-    triangles = [("loss recovered", overall), ("accuracy", result["triangle_accuracy"]["overall"])]
-    for value, sides_of in triangles if "triangle_accuracy" in result else [("accuracy", overall)]:
+    excluded = result["triangle"].get("excluded_sanity_cells", 0)
+    if excluded:
+        print(
+            f"{excluded} self-stitch cells the study added as its sanity check are left out of the means and "
+            "correlations below (they are the self-stitch floor above)"
+        )
+    triangles = [("accuracy", overall)]
+    if "triangle_accuracy" in result:  # language models: the triangle is of loss recovered, then of accuracy
+        triangles = [("loss recovered", overall), ("accuracy", result["triangle_accuracy"]["overall"])]
+    for value, sides_of in triangles:
         for kind, s in sides_of.items():
+            if s["n_lower"] + s["n_upper"] == 0:  # e.g. no control pairs
+                continue
             sides = f"{s['lower']:.3f} on or below j/J = i/I, {s['upper']:.3f} above"
             print(f"{kind}: mean {value} {sides} (gap {s['gap']:+.3f})")
     for skipped in result["skipped"]:
         print(f"skipped: {skipped}")
     for c in result["correlations"]:
+        if c["cells"] == 0 and not c.get("excluded_sanity_cells"):  # e.g. no control pairs
+            continue
         score = "loss recovered" if "triangle_accuracy" in result else "stitching"
-        print(f"{c['measure']} vs {score}, {c['pairs']} pairs: Spearman {c['spearman']:+.3f} over {c['cells']} cells")
+        left = c.get("excluded_sanity_cells", 0)
+        note = f" ({left} self-stitch sanity cells left out)" if left else ""
+        print(
+            f"{c['measure']} vs {score}, {c['pairs']} pairs: Spearman {c['spearman']:+.3f} over {c['cells']} cells"
+            + note
+        )
     print("wrote " + ", ".join(str(f) for f in result["files"]))
 
 
@@ -371,10 +470,19 @@ def _parser() -> argparse.ArgumentParser:
     layers.set_defaults(func=_layers)
 
     compare = commands.add_parser(
-        "compare", help="similarity measures (CKA, PWCCA, ...) between every layer of two networks, no training"
+        "compare",
+        help="similarity measures (CKA, PWCCA, ...) between every layer of two networks, no training",
+        description="Similarity measures between the layers of two networks, on the test split of --data. A "
+        ".safetensors zoo file (a small ResNet saved by zoo.save_model) gives its trained weights; a bare model "
+        "name (R1211, resnet18, a timm name) builds that architecture with random (untrained) weights: no "
+        "pretrained weights are downloaded (for those, call modelstitch.metrics.compare_layers in Python).",
     )
-    compare.add_argument("a", help="a .safetensors zoo file, a small ResNet (R1211), a torchvision or a timm name")
-    compare.add_argument("b", help="the second network, as for A")
+    compare.add_argument(
+        "a",
+        help="a .safetensors zoo file (a trained small ResNet), or a small ResNet (R1211), torchvision or timm "
+        "name: a bare name means random (untrained) weights",
+    )
+    compare.add_argument("b", help="the second network, as for A (a bare name: random weights)")
     compare.add_argument("--data", choices=["digits", "cifar10"], default="digits", help="the test split is used")
     compare.add_argument("--data-root", help="CIFAR-10 folder (image folders train/ test/, or torchvision's)")
     compare.add_argument(
@@ -389,10 +497,14 @@ def _parser() -> argparse.ArgumentParser:
         help="how maps become vectors: flatten, mean, cls, last, or positions (each token a sample); default: "
         "flatten for CKA, mean otherwise",
     )
-    compare.add_argument(
-        "--layers-a", type=layer_names, help="comma-separated layers of A (default: a ResNet's paper layers)"
+    layers_help = (
+        "comma-separated layer names or patterns such as 'layer*.0' ('*' stays within one part of a dotted name, "
+        "'**' spans parts), matched against the names `modelstitch layers` prints; or all (every one of them)"
     )
-    compare.add_argument("--layers-b", type=layer_names, help="comma-separated layers of B")
+    compare.add_argument(
+        "--layers-a", type=layer_names, help=f"layers of A: {layers_help} (default: a ResNet's paper layers)"
+    )
+    compare.add_argument("--layers-b", type=layer_names, help="layers of B, as for --layers-a")
     compare.add_argument("--num-classes", type=count, default=10)
     _common(compare, out_default="runs/compare")
     compare.set_defaults(func=_compare)
@@ -480,9 +592,18 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = study.add_parser(
         "analyze",
-        help="the paper's analyses of a preset run: MSE tables, similarity-trained stitches, images, triangle",
+        help="the paper's analyses of a run folder: triangle, correlations of measures; for a preset's run (or with "
+        "--config) also MSE tables, similarity-trained stitches and images",
+        description="The paper's analyses, written to RUN_DIR/analysis/. A preset's run folder (or any with --config, "
+        "its study file) gets all of them. Any other run folder, e.g. of a Study made in Python, gets what its "
+        "store allows: the triangle, the correlations of stored measures with stitching and heatmaps of the "
+        "stored cells; the MSE tables, similarity-trained stitches and images need the networks and data, and "
+        "are skipped with the reason printed.",
     )
     analyze.add_argument("run_dir")
+    analyze.add_argument(
+        "--config", help="the study TOML file the run folder was made from: rebuilds its networks and data"
+    )
     analyze.add_argument(
         "--mse-epochs", type=positive, help="epochs of the MSE-trained stitches (default: the study's)"
     )

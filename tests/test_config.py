@@ -48,6 +48,18 @@ def test_a_toml_study_runs_from_the_command_line(tmp_path, capsys):
     assert results.matrix("small", "other", value="cka").shape == (2, 2)
     assert results.controls == {"small": "small random"}
     assert (tmp_path / "run" / "networks" / "small" / "zoo" / "R1111.safetensors").is_file()
+    assert (tmp_path / "run" / "cells.csv").is_file() and (tmp_path / "run" / "heatmaps.png").is_file()
+
+    # analyze: from the store alone, then with the study file, which rebuilds the networks and data
+    assert cli.main(["study", "analyze", str(tmp_path / "run"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "analysing its stored cells only" in out and out.count("skipped: ") == 2
+    assert "cka vs stitching, trained pairs: Spearman" in out and "over 16 cells" in out
+    command = ["study", "analyze", str(tmp_path / "run"), "--config", str(path), "--no-images", "--quiet"]
+    assert cli.main(command) == 0
+    out = capsys.readouterr().out
+    assert "skipped: " not in out and "mse_tables.md" in out
+    assert (tmp_path / "run" / "analysis" / "mse_tables.md").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,8 @@ def test_a_study_over_two_lms_stores_every_score_and_resumes(tmp_path, text):
     cka = ms.metrics.compare_layers(nets["A"], layers, nets["B"], layers, test, device="cpu")["cka"]  # on positions
     np.testing.assert_allclose(study.matrix("A", "B", value="cka"), cka, atol=1e-9)
     (trained,) = [c for c in analysed["correlations"] if c["pairs"] == "trained"]
-    assert trained["measure"] == "cka" and trained["cells"] == 4 + 2 + 2
+    assert trained["measure"] == "cka" and trained["cells"] == 4  # A -> B, the cells asked for
+    assert trained["excluded_sanity_cells"] == 2 + 2  # the self-stitch diagonals the study added
     assert "mean loss recovered" in (tmp_path / "analysis" / "triangle.md").read_text()
     assert [r["created"] for r in study.rows()] == created
 

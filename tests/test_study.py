@@ -7,11 +7,15 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from tqdm import TqdmWarning
+from tqdm import std as tqdm_std
 
 import modelstitch as ms
 from modelstitch import data, zoo
@@ -233,3 +237,41 @@ def test_the_cell_bar_moves_while_a_pair_trains(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"cells:\s+\d+%.*\| [0-3]\.\d/4 ", err), err[-500:]  # a fraction of the pair's 4 cells
     assert "4.0/4" in err
+
+
+class _RecordingBar(tqdm_std.tqdm):
+    """A real tqdm bar that keeps its final count and total when it closes."""
+
+    closed: ClassVar[list[tuple[float, float]]] = []
+
+    def close(self) -> None:
+        if not self.disable:
+            type(self).closed.append((self.n, self.total))
+        super().close()
+
+
+@pytest.mark.parametrize(("batch_size", "epochs"), [(27, 1), (16, 2)])  # 2 steps a pair (the sum overshot), 3-6
+def test_the_cell_bar_ends_at_its_total(tmp_path, monkeypatch, batch_size, epochs):
+    """The bar's fractional steps add up to exactly its total: no TqdmWarning, no negative ETA (issue 22)."""
+    from modelstitch.study import _study
+
+    monkeypatch.setattr(_study, "tqdm", _RecordingBar)
+    monkeypatch.setattr(_RecordingBar, "closed", [])
+    nets = {"A": zoo.small_resnet("R1111", width=4), "B": zoo.small_resnet("R1111", width=4)}
+    digits = data.subset(data.digits(), 64)
+    three = ["stem", "layer2.0", "layer4.0"]
+    study = ms.Study(
+        nets,
+        train_data=digits,
+        test_data=digits,
+        out=tmp_path,
+        pairs=[("A", "B")],  # 9 cells, and the self-stitch diagonals of A and B: 3 + 3
+        layers={"A": three, "B": three},
+        recipe=ms.Recipe(batch_size=batch_size, epochs=epochs, patience=1),
+        device="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ms.StitchWarning)  # few optimiser steps: expected on 64 samples
+        warnings.simplefilter("error", TqdmWarning)
+        study.run(progress=True)
+    assert _RecordingBar.closed == [(15, 15)]

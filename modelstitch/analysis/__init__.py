@@ -10,7 +10,8 @@
 - `generate_images`: stitch every sender layer into the receiver's
   ``"input"`` and save the generated images beside the originals (Figure 6).
 - `analyze`: all of it for a study, written to ``out/analysis/`` and to the
-  study's SQLite store (resumable).
+  study's SQLite store (resumable); from a run folder alone (`StudyResults`),
+  what its store allows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from .._errors import StitchError
 from ..core import write_text
-from ..study import Study
+from ..study import Study, StudyResults
 from ..study._results import slug
 from ..train import Recipe, task_of
 from ._correlation import measure_correlations
@@ -52,7 +53,7 @@ __all__ = [
 
 
 def analyze(
-    study: Study,
+    study: Study | StudyResults,
     *,
     mse_recipe: Recipe | None = None,
     images: Sequence[tuple[str, str]] | None = None,
@@ -74,8 +75,22 @@ def analyze(
     ``triangle.md``) beside that of next-token accuracy
     (``triangle-accuracy.md``); 1-4 are skipped, and ``"skipped"`` says why.
 
+    Given a `StudyResults` (a run folder read back without its networks and
+    data, e.g. ``StudyResults.open("runs/mine")``), only what the store
+    holds is analysed: 5, 6 and the heatmaps of the stored cells
+    (``analysis/heatmaps.png``, and ``analysis/measures.png`` with
+    measures); 1-4 need the networks and the data and are skipped, and
+    ``"skipped"`` says so. When every cell stores loss recovered
+    (``scores="all"``, the default for language models), the triangle is of
+    loss recovered beside that of accuracy, as for language models.
+
+    Statistics (5, 6) are over the pairs the study was asked for: the
+    self-stitch diagonals that ``Study(sanity=True)`` added are left out,
+    counted in their ``excluded_sanity_cells``, and reported on their own as
+    the self-stitch floor.
+
     Args:
-        study: a `Study` with ``objective="task"``.
+        study: a `Study` with ``objective="task"``, or the `StudyResults` of a run folder.
         mse_recipe: recipe of the MSE-trained stitches (the paper trained them
             for 30 epochs against 4); default: the study's.
         images: ``(sender, receiver)`` pairs for image generation.
@@ -85,7 +100,13 @@ def analyze(
         ``{"tables": ..., "triangle": ..., "images": {...}, "correlations": [...], "files": [...],
         "skipped": [what was not done, and why]}``; for language models also
         ``"triangle_accuracy"``, and ``"triangle"`` is of loss recovered.
+
+    Raises:
+        StitchError: ``study`` is a `Study` of another objective than ``"task"``;
+            or a `StudyResults` with ``mse_recipe`` or ``images``, which need the networks.
     """
+    if isinstance(study, StudyResults):
+        return _analyze_stored(study, mse_recipe=mse_recipe, images=images)
     if study.objective != "task":
         raise StitchError("analyze() takes the task-objective study; it trains the MSE-objective cells itself")
     study.run(progress=progress)
@@ -139,7 +160,59 @@ def analyze(
     }
 
 
-def _analyze_language_models(study: Study, out: Path) -> dict[str, Any]:
+def _analyze_stored(
+    results: StudyResults, *, mse_recipe: Recipe | None, images: Sequence[tuple[str, str]] | None
+) -> dict[str, Any]:
+    """`analyze` from a run folder's store alone: triangles, correlations and heatmaps of the stored cells."""
+    asked = [what for what, given in (("mse_recipe", mse_recipe is not None), ("images", bool(images))) if given]
+    if asked:
+        raise StitchError(
+            f"analyze: {asked[0]} needs the study's networks and data, which StudyResults ({results.out}) does not "
+            "hold; pass the Study itself (set up in Python, or study_from_file for a TOML study), or drop it"
+        )
+    rows = results.rows(objective=results.objective)
+    if not rows and not results.measure_rows():
+        raise StitchError(f"{results.out} holds no finished cells yet; run the study first")
+    out = results.out / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    need = (
+        "needs the study's networks and data, which its run folder alone does not hold; pass the Study instead "
+        "(analysis.analyze(study) in Python, or modelstitch study analyze --config FILE for a TOML study)"
+    )
+    skipped = [
+        f"MSE-trained cells, distance tables (Tables 1-2) and similarity-trained matrices (Figure 5): training {need}",
+        "images (Figure 6): generating them needs the networks and data too",
+    ]
+    if rows and all(r["loss_recovered_mean"] is not None for r in rows):
+        result = _analyze_language_models(results, out)
+        result["skipped"] = skipped
+    else:
+        triangle = triangle_summary(results)
+        files = [
+            _write_csv(out / "triangle.csv", triangle["pairs"]),
+            write_text(out / "triangle.md", triangle_markdown(triangle)),
+        ]
+        correlations = measure_correlations(results) if len(results.measures) > 1 else []
+        if correlations:
+            files.append(_write_csv(out / "measure_correlations.csv", correlations))
+        result = {
+            "tables": None,
+            "triangle": triangle,
+            "images": {},
+            "correlations": correlations,
+            "files": files,
+            "skipped": skipped,
+        }
+    if rows:
+        results.plot(out / "heatmaps")
+        result["files"] += [out / "heatmaps.png", out / "heatmaps.svg"]
+    if len(results.measures) > 1:
+        results.plot_measures(out / "measures")
+        result["files"] += [out / "measures.png", out / "measures.svg"]
+    return result
+
+
+def _analyze_language_models(study: Study | StudyResults, out: Path) -> dict[str, Any]:
     """`analyze` for a study whose receivers are language models: the triangles and the correlations."""
     triangle = triangle_summary(study, value="loss_recovered_mean")
     by_accuracy = triangle_summary(study)

@@ -17,7 +17,11 @@ def _position(index: int, depth: int) -> float:
 
 
 def triangle_summary(
-    results: Study | StudyResults, *, objective: str | None = None, value: str = "accuracy"
+    results: Study | StudyResults,
+    *,
+    objective: str | None = None,
+    value: str = "accuracy",
+    include_sanity: bool = False,
 ) -> dict[str, Any]:
     """Mean accuracy (or another stored score) on each side of the line ``j/J = i/I``, per pair and overall.
 
@@ -31,23 +35,31 @@ def triangle_summary(
         objective: whose cells (default: the study's).
         value: the cell column to average (``"loss_recovered_mean"``...);
             the self-stitch floors are of accuracy whatever it is.
+        include_sanity: also average the self-stitch diagonals that
+            ``Study(sanity=True)`` added on its own (by default they are left
+            out: they are no pair the study was asked for, and a diagonal of
+            a network into itself lies all on the lower side).
 
     Returns:
         ``{"pairs": [{"sender", "receiver", "control", "lower", "upper", "gap",
         "n_lower", "n_upper"}, ...], "overall": {"trained": {...},
         "control": {...}}, "self_stitch_floor": {network: min over layers of
-        (self-stitch - network accuracy)}}`` where ``gap = lower - upper`` (NaN
-        where a side is empty); a floor below -0.02 means a self-stitch failed.
+        (self-stitch - network accuracy)}, "excluded_sanity_cells": how many
+        self-stitch cells the study added were left out}`` where ``gap = lower
+        - upper`` (NaN where a side is empty); a floor below -0.02 means a
+        self-stitch failed.
     """
     view = results.results if isinstance(results, Study) else results
     objective = objective or view.objective
     controls = set(view.controls.values())
-    sanity = set(view.sanity_pairs)  # self-stitch diagonals only: not a grid
+    sanity = set() if include_sanity else set(view.sanity_pairs)  # self-stitch diagonals only: not a grid
     per_pair: dict[tuple[str, str], dict[str, list[float]]] = {}
+    excluded = 0
     for row in view.rows(objective=objective):
         if row[value] is None or row["sender_index"] < 0 or row["receiver_index"] < 0:
             continue
         if (row["sender"], row["receiver"]) in sanity:
+            excluded += 1
             continue
         lower = _position(row["receiver_index"], row["receiver_depth"]) <= _position(
             row["sender_index"], row["sender_depth"]
@@ -69,6 +81,7 @@ def triangle_summary(
         "pairs": pairs,
         "overall": {kind: _sides(sides) for kind, sides in pooled.items()},
         "self_stitch_floor": floors,
+        "excluded_sanity_cells": excluded,
     }
 
 
@@ -91,6 +104,9 @@ def triangle_markdown(summary: dict[str, Any], *, value: str = "accuracy") -> st
         lower = f"{s['lower']:.3f} ({s['n_lower']} cells)"
         upper = f"{s['upper']:.3f} ({s['n_upper']} cells)"
         lines.append(f"| {kind} | {lower} | {upper} | {s['gap']:+.3f} |")
+    excluded = summary.get("excluded_sanity_cells", 0)
+    if excluded:
+        lines += ["", f"{excluded} self-stitch cells the study added as its sanity check are not in these means."]
     floors = summary.get("self_stitch_floor", {})
     if floors:
         lines += ["", "| network | self-stitch floor (min over layers: self-stitch - own accuracy) |", "|---|---|"]

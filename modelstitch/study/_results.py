@@ -12,6 +12,7 @@ from .._errors import StitchError
 from ._store import ResultStore, read_run_meta
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
     from ._plot import Panel
@@ -151,9 +152,37 @@ class StudyResults:
         return plot_heatmaps(panels, path or self.out / "measures", **kwargs)
 
     def to_csv(self, path: str | Path | None = None) -> Path:
-        """Write the tidy table of finished cells (default ``out/cells.csv``)."""
+        """Write the tidy table of finished cells (default ``out/cells.csv``); its columns are `to_pandas`'s."""
         with ResultStore(self.store_path) as store:
             return store.to_csv(path or self.out / "cells.csv")
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The finished cells as a pandas DataFrame: one row per cell, the columns of ``cells.csv``.
+
+        The columns are the cell's key (``sender``, ``sender_layer``,
+        ``receiver``, ``receiver_layer``, ``objective``), its layer indices,
+        every stored score (``accuracy``, ``loss``, ``holdout_accuracy``,
+        ``convergence``, the scores of ``scores="all"``...), its bookkeeping
+        (``seconds``, ``seed``, ``recipe``, ``weights``...) and one column per
+        similarity measure the study computed (``cka``...), in the order of
+        `ResultStore.table`. Values missing from the store are NaN or None.
+
+        Returns:
+            A ``pandas.DataFrame`` with one row per finished cell (every objective).
+
+        Raises:
+            StitchError: pandas is not installed (``pip install "modelstitch[tables]"``).
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise StitchError(
+                'StudyResults.to_pandas needs pandas, which is not installed: pip install "modelstitch[tables]" '
+                "(or write the same table with to_csv())"
+            ) from None
+        with ResultStore(self.store_path) as store:
+            header, rows = store.table()
+        return pd.DataFrame(rows, columns=header)
 
     def plot(
         self,

@@ -303,17 +303,38 @@ class ResultStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
-    def to_csv(self, path: str | Path, columns: Sequence[str] = CELL_COLUMNS) -> Path:
-        """Write every finished cell as a tidy CSV (one row per cell), with a column per similarity measure."""
-        names = sorted({row["measure"] for row in self.measures()})
+    def table(self, columns: Sequence[str] = CELL_COLUMNS) -> tuple[list[str], list[dict[str, Any]]]:
+        """Every finished cell as one tidy row, with a column per stored similarity measure.
+
+        The one definition of the cell table: `to_csv` writes it and `StudyResults.to_pandas` returns it.
+
+        Args:
+            columns: the cell columns, in order (default `CELL_COLUMNS`); the
+                measures follow, sorted by name (empty where a cell has none).
+
+        Returns:
+            ``(column names, rows)``, each row a dict keyed by those names, in the order of `rows`.
+        """
+        measured = self.measures()
+        names = sorted({row["measure"] for row in measured})
         values = {(r["sender"], r["sender_layer"], r["receiver"], r["receiver_layer"], r["measure"]): r["value"]
-                  for r in self.measures()}  # fmt: skip
-        rows = self.rows()
-        for row in rows:
+                  for r in measured}  # fmt: skip
+        header = [*columns, *names]
+        table = []
+        for row in self.rows():
             cell = (row["sender"], row["sender_layer"], row["receiver"], row["receiver_layer"])
             row.update({name: values.get((*cell, name)) for name in names})
+            table.append({c: row.get(c) for c in header})
+        return header, table
+
+    def to_csv(self, path: str | Path, columns: Sequence[str] = CELL_COLUMNS) -> Path:
+        """Write every finished cell as a tidy CSV (one row per cell), with a column per similarity measure.
+
+        The columns are those of `table`.
+        """
+        header, rows = self.table(columns)
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*columns, *names], extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
         return Path(path)

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import time
 import uuid
 import warnings
@@ -64,6 +65,7 @@ from ._results import SANITY_TOLERANCE, StudyResults, slug
 from ._store import SCORE_COLUMNS, ResultStore
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
 __all__ = ["Cell", "Study"]
@@ -385,6 +387,12 @@ class Study:
     ) -> Study:
         """Train and evaluate every unfinished cell; finished pairs are skipped.
 
+        Writes ``out/study.sqlite`` (every finished cell), ``out/stitches/``
+        (the trained stitch weights) and ``out/cells.csv`` (the table of
+        `to_csv` and `to_pandas`, rewritten when a run completes). It draws
+        no figures: `plot` and `plot_measures` do (``modelstitch study run``
+        calls them after the run).
+
         Args:
             progress: show a progress bar over cells, with an ETA.
             executor: ``"local"`` (this process) or ``"ray"`` (each pair a Ray
@@ -458,6 +466,7 @@ class Study:
                         self._on_step.moved = 0.0
                 self._on_step = None
             self._record_network_accuracy(store)
+            store.to_csv(self.out / "cells.csv")  # the tidy table, as `to_csv`; figures are drawn by `plot`
         failed = {n: s for n, s in self.results.self_stitch().items() if s["failed"]}
         if failed:
             worst = ", ".join(f"{n} {s['floor']:+.3f} at {s['worst_layer']}" for n, s in failed.items())
@@ -726,8 +735,12 @@ class Study:
         return self.results.matrix(sender, receiver, value=value)
 
     def to_csv(self, path: str | Path | None = None) -> Path:
-        """Write the tidy table of finished cells (default ``out/cells.csv``)."""
+        """Write the tidy table of finished cells (default ``out/cells.csv``; `run` writes it too)."""
         return self.results.to_csv(path)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The finished cells as a pandas DataFrame, the columns of ``cells.csv`` (see `StudyResults.to_pandas`)."""
+        return self.results.to_pandas()
 
     def plot_measures(self, path: str | Path | None = None, **kwargs: Any) -> Figure:
         """Stitching beside each similarity measure (see `StudyResults.plot_measures`)."""
@@ -767,14 +780,23 @@ def _first_input(data: Any) -> Any:
 
 
 class _CellProgress:
-    """Moves the study's cell bar while a pair trains: its cells advance in step with the optimiser."""
+    """Moves the study's cell bar while a pair trains: its cells advance in step with the optimiser.
+
+    The bar moves by multiples of `QUANTUM`, a power-of-two fraction of a cell, so every partial move and the
+    pair's remainder are exact in floating point and a finished pair adds exactly its cell count. Moves of
+    ``cells * done / total`` did not add up exactly: the bar ended a little past its total (tqdm's
+    "clamping frac to range [0, 1]" warning and an ETA of ``-00:00``) or a little short of it.
+    """
+
+    QUANTUM = 1 / 64
 
     def __init__(self, bar: Any) -> None:
         self.bar, self.moved = bar, 0.0
 
     def for_cells(self, cells: int) -> Any:
         def on_step(done: int, total: int) -> None:
-            target = cells * done / total * 0.95  # the last 5% when the pair is evaluated and stored
+            share = min(done, total) / total * 0.95  # the last 5% when the pair is evaluated and stored
+            target = math.floor(cells * share / self.QUANTUM) * self.QUANTUM
             self.bar.update(target - self.moved)
             self.moved = target
 
