@@ -145,3 +145,38 @@ def test_lm_positions_reads_a_run_folder_and_writes_its_json(tmp_path):
     assert set(result["norms"]) == {"L4a", "L4b", "L3"} and len(result["norms"]["L3"]) == 1
     for fit in result["fits"].values():
         assert fit["cells"] == 4 and -1 < fit["loss_recovered_mean"] < 2 and fit["fvu"] >= 0
+
+
+@pytest.mark.parametrize(
+    "provided, expected", [((8, 32), (16, 16)), ((64, 4), (8, 32)), ((8, 4), (64, 32)), ((16, 8), (16, 8))]
+)
+def test_cost_model_counts_the_stitch_the_library_builds(provided, expected):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modelstitch.stitches import make_stitch
+
+    cost = _load("cost_model")
+    (c_in, h_in), (c_out, h_out) = provided, expected
+    stitch = make_stitch((c_in, h_in, h_in), (c_out, h_out, h_out), kind="linear")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        stitch(torch.randn(1, c_in, h_in, h_in))
+    forward, _, _ = cost.stitch_costs(provided, expected)
+    assert forward == counter.get_total_flops()
+
+
+def test_cost_model_fits_checks_and_projects(tmp_path):
+    cost = _load("cost_model")
+    layers = cost.layer_costs("R1211", 8)
+    total = layers["stem"][1] + layers["stem"][2]
+    assert all(math.isclose(p + s, total) for _, p, s, _ in layers.values())  # prefix + suffix = the network
+    assert [d for d, *_ in layers.values()] == [6, 5, 4, 3, 2, 1]
+    threads = torch.get_num_threads()
+    try:
+        summary = cost.main(["--quick", "--threads", "1", "--json", str(tmp_path / "cost.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "cost.json").read_text())["paper_preset"]["cells"] == 25_088
+    assert len(summary["fit"]) == 2 and len(summary["checks"]) == 1
+    check = summary["checks"][0]
+    assert check["cells"] == 30 and _positive_finite(check["seconds"]) and _positive_finite(check["predicted"])
+    assert _positive_finite(summary["paper_preset"]["cpu_days"])
