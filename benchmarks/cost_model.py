@@ -62,18 +62,16 @@ def layer_costs(blocks: str, width: int, size: int = 32) -> dict[str, tuple[int,
     x = torch.randn(1, 3, size, size)
     names = zoo.layer_names(model)
 
-    def flops(module: torch.nn.Module) -> float:
+    def flops(module: torch.nn.Module) -> tuple[float, torch.Tensor]:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            module(x)
-        return float(counter.get_total_flops())
+            out = module(x)
+        return float(counter.get_total_flops()), out
 
-    total = flops(model)
+    total, _ = flops(model)
     costs = {}
     for k, name in enumerate(names):
-        before = flops(ms.prefix(model, name))
-        with torch.no_grad():
-            shape = ms.prefix(model, name)(x).shape
-        costs[name] = (len(names) - k, before, total - before, (shape[1], shape[-1]))
+        before, out = flops(ms.prefix(model, name))
+        costs[name] = (len(names) - k, before, total - before, (out.shape[1], out.shape[-1]))
     return costs
 
 

@@ -144,12 +144,7 @@ def analyze(
         generated[f"{a} -> {b}"] = accuracies = generate_images(study, a, b, path=path, progress=progress)
         table = [{"sender_layer": layer, "accuracy": acc} for layer, acc in accuracies.items()]
         files += [path, _write_csv(path.with_suffix(".csv"), table)]
-    triangle = triangle_summary(study)
-    files.append(_write_csv(out / "triangle.csv", triangle["pairs"]))
-    files.append(write_text(out / "triangle.md", triangle_markdown(triangle)))
-    correlations = measure_correlations(study) if len(study.measures) > 1 else []
-    if correlations:
-        files.append(_write_csv(out / "measure_correlations.csv", correlations))
+    triangle, correlations = _triangle_and_correlations(study, out, files)
     return {
         "tables": tables,
         "triangle": triangle,
@@ -187,14 +182,8 @@ def _analyze_stored(
         result = _analyze_language_models(results, out)
         result["skipped"] = skipped
     else:
-        triangle = triangle_summary(results)
-        files = [
-            _write_csv(out / "triangle.csv", triangle["pairs"]),
-            write_text(out / "triangle.md", triangle_markdown(triangle)),
-        ]
-        correlations = measure_correlations(results) if len(results.measures) > 1 else []
-        if correlations:
-            files.append(_write_csv(out / "measure_correlations.csv", correlations))
+        files: list[Path] = []
+        triangle, correlations = _triangle_and_correlations(results, out, files)
         result = {
             "tables": None,
             "triangle": triangle,
@@ -238,6 +227,20 @@ def _analyze_language_models(study: Study | StudyResults, out: Path) -> dict[str
         "files": files,
         "skipped": skipped,
     }
+
+
+def _triangle_and_correlations(
+    study: Study | StudyResults, out: Path, files: list[Path]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The accuracy triangle (``triangle.csv``, ``triangle.md``) and, with measures, their correlations with
+    stitching (``measure_correlations.csv``), written to ``out``; the files are appended to ``files``."""
+    triangle = triangle_summary(study)
+    files.append(_write_csv(out / "triangle.csv", triangle["pairs"]))
+    files.append(write_text(out / "triangle.md", triangle_markdown(triangle)))
+    correlations = measure_correlations(study) if len(study.measures) > 1 else []
+    if correlations:
+        files.append(_write_csv(out / "measure_correlations.csv", correlations))
+    return triangle, correlations
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -529,8 +529,7 @@ def run_preset(
         The finished `Study`.
     """
     study = build_preset_study(name, out=out, options=options, device=device, progress=progress, **settings)
-    study.run(progress=progress, **(run_options or {}))
-    study.to_csv()
+    study.run(progress=progress, **(run_options or {}))  # writes cells.csv too
     if PRESETS[name].language:  # loss recovered (mean ablation) is the language-model literature's score
         study.plot(value="loss_recovered_mean")
         study.plot(study.out / "heatmaps-accuracy")
