@@ -100,6 +100,7 @@ def _zoo_train(args: argparse.Namespace) -> None:
 def _study_run(args: argparse.Namespace) -> int:
     from .study import PresetOptions, run_preset, study_from_file
 
+    start = time.perf_counter()
     run_options = {
         "executor": args.executor,
         "address": args.address,
@@ -121,7 +122,7 @@ def _study_run(args: argparse.Namespace) -> int:
         study.plot()
         if len(study.measures) > 1:
             study.plot_measures()
-        return _report(study)
+        return _report(study, time.perf_counter() - start)
 
     options = PresetOptions(  # checks every option before anything runs
         data_root=args.data_root,
@@ -149,12 +150,15 @@ def _study_run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         run_options=run_options,
     )
-    return _report(study)
+    return _report(study, time.perf_counter() - start)
 
 
-def _report(study: Any) -> int:
+def _report(study: Any, seconds: float) -> int:
     rows, out = study.rows(), study.out
-    print(f"{len(rows)} cells in {study.store_path}; table {out / 'cells.csv'}; heatmaps {out / 'heatmaps.png'}")
+    print(
+        f"{len(rows)} cells in {study.store_path}; table {out / 'cells.csv'}; heatmaps {out / 'heatmaps.png'} "
+        f"({_duration(seconds)}, networks and figures included)"
+    )
     for name, s in study.results.self_stitch().items():
         verdict = "FAILED: low cells may mean 'not found', see docs/trust.md" if s["failed"] else "ok"
         print(
@@ -178,6 +182,12 @@ def _report(study: Any) -> int:
         print(f"{len(failures)} pair(s) failed; rerun with --retry-failed to try them again", file=sys.stderr)
         return 1
     return 0
+
+
+def _duration(seconds: float) -> str:
+    """``"1 min 49 s"`` or ``"42 s"``."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 _PRESET_FLAGS = {

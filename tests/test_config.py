@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import modelstitch as ms
@@ -44,6 +46,7 @@ def test_a_toml_study_runs_from_the_command_line(tmp_path, capsys):
     assert cli.main(["study", "run", "--config", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "20 cells" in out  # 4 pairs of 2 x 2 layers, and the control pair
+    assert re.search(r"\((\d+ min )?\d+ s, networks and figures included\)", out)  # how long the whole run took
     results = ms.StudyResults.open(tmp_path / "run")
     assert results.matrix("small", "other", value="cka").shape == (2, 2)
     assert results.controls == {"small": "small random"}
