@@ -7,8 +7,9 @@ R1111 -> R1211 is trained three ways:
 - ``paper``: the paper's recipe at the quick preset's old learning rate (``Recipe.paper(lr=0.05, batch 64)``):
   random init, 4 epochs, the last epoch kept; what the quick preset ran before.
 - ``lstsq``: the least-squares fit alone, no training (the default run's ``init_accuracy``).
-- ``default``: the quick preset's recipe now: least-squares init, SGD at lr 0.01 (batch 64), the epoch with
-  the best accuracy on 15% of the training data held out.
+- ``plain``: the quick preset's recipe with plain SGD steps (``precondition=False``).
+- ``default``: the quick preset's recipe now: least-squares init, SGD steps whitened by the stitch input's
+  second moments, the epoch with the best accuracy on 15% of the training data held out.
 
 It prints a Markdown table (one row per cell) with summary rows, the seconds each setting took, and the
 training-loss curves of the self-stitch cells, and writes them to ``--json`` and a figure to ``--figure``.
@@ -44,7 +45,11 @@ PAIRS = [("R1111", "R1111"), ("R1111", "R1211")]
 
 def settings() -> dict[str, ms.Recipe]:
     quick = PRESETS["quick"].recipe
-    return {"paper": ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4), "default": quick}
+    return {
+        "paper": ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4),
+        "plain": quick.replace(precondition=False),
+        "default": quick,
+    }
 
 
 def run(out: Path, seeds: list[int], layers: list[str] | None = None) -> dict[str, Any]:
@@ -133,7 +138,7 @@ def steps_sweep(out: Path, epochs: list[float]) -> list[dict[str, float]]:
 
 
 def table(result: dict[str, Any]) -> str:
-    names = ["paper", "lstsq", "default"]
+    names = ["paper", "lstsq", "plain", "default"]
     lines = ["| cell | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, cell in result["cells"].items():
         values = [_fmt(cell[n]) for n in names]
@@ -172,13 +177,14 @@ def figure(result: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    fig = Figure(figsize=(12, 3.2), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
+    axes = fig.subplots(1, len(result["curves"]), sharey=True)
     for ax, (name, curves) in zip(axes, result["curves"].items()):
         for layer, losses in curves.items():
             ax.plot(range(1, len(losses) + 1), losses, marker="o", label=layer)
-        ax.set(title=f"R1111 self-stitches, {name} recipe", xlabel="epoch", yscale="log", xticks=[1, 2, 3, 4])
+        epochs = max(len(losses) for losses in curves.values())
+        ax.set(title=f"R1111 self-stitches, {name}", xlabel="epoch", yscale="log", xticks=range(1, epochs + 1))
         ax.axhline(np.log(10), color="grey", ls=":", lw=1)
     axes[0].set_ylabel("training loss (dotted: chance)")
     axes[1].legend(fontsize="small")

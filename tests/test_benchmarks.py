@@ -61,16 +61,24 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     threads = torch.get_num_threads()
     try:
         summary = bench.main(
-            ["--device", "cpu", "--limit", "96", "--epochs", "0.5,1", "--layers", "stem,layer4.0", "--threads", "1",
+            ["--device", "cpu", "--limit", "96", "--epochs", "0.5", "--layers", "stem,layer4.0", "--threads", "1",
+             "--reference-seeds", "1", "--candidate", "optim=adamw,lr=0.003,weight_decay=0",
              "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "study.json")]
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "study.json").read_text())["pair"] == ["R1111", "R1211"]
-    assert [r["setting"] for r in summary["results"]] == ["a-paper", "b-default-0.5ep", "b-default-1.0ep"]
+    names = [r["setting"] for r in summary["results"]]
+    assert names == ["a-paper", "a-paper-seed1", "b-default-0.5ep", "b-optim=adamw,lr=0.003,weight_decay=0"]
     for r in summary["results"]:
         assert r["cells"] == 4 and _positive_finite(r["seconds"]) and _positive_finite(r["peak_rss_mib"])
+        assert r["cell_names"] == ["stem -> stem", "stem -> layer4.0", "layer4.0 -> stem", "layer4.0 -> layer4.0"]
     assert all(isinstance(r["matches_a"], bool) for r in summary["results"][1:])
+    # (a) with seed 1 is a different run: its cells differ from seed 0's, and it sets the spread a (b) is held to
+    assert summary["results"][1]["accuracy"] != summary["results"][0]["accuracy"]
+    assert summary["reference_worst_cell"] == summary["results"][1]["worst_cell_vs_a"]
+    for key in ("fastest_match", "fastest_within_seed_spread"):
+        assert summary[key] in (None, *names[2:])
 
 
 def test_layer_identification_writes_its_json(tmp_path, capsys):

@@ -682,6 +682,10 @@ def test_convergence_flags_a_cell_that_stays_at_its_start_and_one_still_rising(t
     rising = _fresh_stitch(model, "layer1.0", model, "layer3.0", init="random")  # at chance before training
     (rose,) = ms.train_stitches([rising], tr, recipe=recipe, device=CPU, progress=False)
     assert (rose.selected_epoch, rose.convergence) == (1, "rising")
+    # a lower held-out loss at much the same accuracy is not a rise: small steps from the exact start
+    creeping = _fresh_stitch(model, "layer2.0", model, "layer2.0")
+    (crept,) = ms.train_stitches([creeping], tr, recipe=recipe.replace(lr=1e-3, epochs=2), device=CPU, progress=False)
+    assert crept.selected_epoch > 0 and crept.convergence == "settled"
     assert ms.train_stitch(exact, tr, recipe=recipe.replace(holdout=0), device=CPU, progress=False).convergence is None
     # in a study: stored per cell, in cells.csv, and outlined on the heatmaps
     nets = {"A": model, "B": model}

@@ -102,8 +102,16 @@ class LeastSquares:
         self.xty.addmm_(x.T, y, alpha=repeats)
         self.rows += x.shape[0] * repeats
 
+    def record_moments(self) -> None:
+        """Store ``XᵀX / rows`` on the stitch as its `Stitch.input_moments` (what preconditioned training uses)."""
+        if self.xtx is None or self.rows == 0:
+            raise StitchError("least-squares init saw no data; pass init_data with at least one batch")
+        self.stitch.input_moments = (self.xtx / self.rows).float()
+
     def solve(self, ridge: float = 1e-4) -> None:
         """Solve the ridge system and write the weights into the stitch's linear layer.
+
+        Also records the input's second moments on the stitch (`record_moments`).
 
         Args:
             ridge: penalty relative to the mean diagonal of ``XᵀX`` (the bias is
@@ -124,6 +132,7 @@ class LeastSquares:
                 "use a ridge > 0, e.g. the default 1e-4"
             )
         weight, bias = w[:d].T, (w[d] if self.bias else None)
+        self.record_moments()
         with torch.no_grad():
             self.layer.weight.copy_(weight.reshape(self.layer.weight.shape).to(self.layer.weight))
             if bias is not None:

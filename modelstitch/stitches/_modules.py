@@ -185,6 +185,12 @@ class Stitch(nn.Module):
         upsample_after_core: run the core before that upsampling (the same
             function for a pointwise core, cheaper when it does not add
             channels); `make_stitch` sets it.
+        input_moments: ``[d, d]`` float32, the second-moment matrix of the
+            linear core's input rows (with a column of ones for the bias),
+            ``XᵀX`` over the number of rows, as the least-squares pass
+            measured it (`LeastSquares`); ``None`` before one. Training
+            preconditions the core's gradient with it (``Recipe(precondition=True)``).
+            Not part of the state dict.
     """
 
     def __init__(
@@ -220,6 +226,7 @@ class Stitch(nn.Module):
         if upsample_after_core and self.upsample == 1:
             raise StitchError("upsample_after_core=True needs a pre that ends with a nearest upsampling")
         self.upsample_after_core = upsample_after_core
+        self.input_moments: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[B, *provided]`` to ``[B, *expected]``."""

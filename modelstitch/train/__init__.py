@@ -11,9 +11,10 @@ from ._cache import ActivationCache
 from ._evaluate import evaluate, evaluate_stitches, stitching_penalty
 from ._loop import StepLosses, optimise, total_steps
 from ._plan import OBJECTIVES, LossFn, Plan, kl_to
+from ._precondition import Preconditioner
 from ._recipe import Recipe
 from ._scores import SCORES, score_stitches
-from ._select import BestEpoch, holdout_split
+from ._select import RISING, BestEpoch, holdout_split
 from ._task import IGNORE_INDEX, Task, cross_entropy, logits_of, task_of
 from ._train import MIN_STEPS, Objective, TrainResult, train_stitch, train_stitches
 
@@ -21,12 +22,14 @@ __all__ = [
     "IGNORE_INDEX",
     "MIN_STEPS",
     "OBJECTIVES",
+    "RISING",
     "SCORES",
     "ActivationCache",
     "BestEpoch",
     "LossFn",
     "Objective",
     "Plan",
+    "Preconditioner",
     "Recipe",
     "StepLosses",
     "Task",

@@ -36,6 +36,7 @@ def optimise(
     on_epoch: Callable[[int], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     active: Sequence[bool] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> list[list[float]]:
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
 
@@ -62,6 +63,8 @@ def optimise(
             early once none is left (``None``: all train).
         on_step: called with ``(steps done, total_steps)`` after every step,
             e.g. to move an outer progress bar.
+        before_step: called once the step's gradients are all in, before
+            clipping and the optimiser steps (e.g. a `Preconditioner`).
 
     Returns:
         For each parameter set, the mean training loss of each epoch.
@@ -98,6 +101,8 @@ def optimise(
                     f"the loss became {values[bad].item()} at step {step + 1} of {total_steps} for "
                     f"{describe(bad)}; lower the learning rate, set Recipe(grad_clip=...), or check the data"
                 )
+            if before_step is not None:
+                before_step()
             for params, opt, scheduler, trains in zip(clipped, optimizers, schedulers, training):
                 if not trains:
                     continue

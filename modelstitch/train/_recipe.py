@@ -23,12 +23,13 @@ class Recipe:
 
     The optimiser and schedule are the stitch recipe of Hernandez et al.: SGD
     with momentum 0.9, learning rate 0.01 at batch size 256, weight decay
-    0.01, 4 epochs, a linear warmup and then cosine decay to zero. Two
+    0.01, 4 epochs, a linear warmup and then cosine decay to zero. Three
     defaults differ from the paper, so that a stitch that exists is found
     (a self-stitch reaches the network's own accuracy at every layer; see
     docs/trust.md for the evidence): each linear stitch starts from its
-    least-squares fit (``init="lstsq"``), and training keeps the epoch
-    whose accuracy on 15% of the training data held out is best
+    least-squares fit (``init="lstsq"``), its gradient is whitened by its
+    input's second moments (``precondition=True``), and training keeps the
+    epoch whose accuracy on 15% of the training data held out is best
     (``holdout=0.15``). `Recipe.paper` is the paper's recipe exactly.
 
     Every field is checked when a recipe is made: a value of the wrong type
@@ -74,6 +75,16 @@ class Recipe:
             `Study` starts every cell so; `train_stitch` starts a stitch made
             with ``stitch(..., init="auto")`` (the default) so, and trains a
             stitch whose start was fixed at `stitch` from that start.
+        precondition: multiply the gradient of each linear stitch that started
+            from least squares by the inverse of its input's second-moment
+            matrix before every step (`modelstitch.train.Preconditioner`; the
+            least-squares pass measured the matrix, so it costs no pass of its
+            own), so that a step is the same size in every input direction
+            however the sender scales its channels. Cells whose least-squares
+            start is poor (a deep sender into an early receiver layer) leave
+            it in under an epoch instead of four (docs/trust.md). Stitches
+            started at random or at the identity, and other kinds, take plain
+            steps: from a random start, whitened steps were measured to hurt.
         holdout: fraction of the training data held out of training (a seeded
             random split) to choose the epoch to keep: the held-out accuracy
             is measured before training and after each epoch, and the best
@@ -110,6 +121,7 @@ class Recipe:
     channels_last: bool = False
     grad_clip: float | None = None
     init: str = "lstsq"
+    precondition: bool = True
     holdout: float = 0.15
     patience: int | None = None
     min_delta: float = 0.0
@@ -141,13 +153,13 @@ class Recipe:
 
     @classmethod
     def paper(cls, **changes: object) -> Recipe:
-        """The stitch recipe of Hernandez et al. exactly: random init, no held-out selection.
+        """The stitch recipe of Hernandez et al. exactly: random init, plain SGD steps, no held-out selection.
 
         Examples:
-            >>> Recipe.paper().init, Recipe.paper().holdout, Recipe.paper(epochs=1).epochs
-            ('random', 0.0, 1)
+            >>> Recipe.paper().init, Recipe.paper().precondition, Recipe.paper().holdout, Recipe.paper(epochs=1).epochs
+            ('random', False, 0.0, 1)
         """
-        return cls(**{"init": "random", "holdout": 0.0, **changes})  # type: ignore[arg-type]
+        return cls(**{"init": "random", "precondition": False, "holdout": 0.0, **changes})  # type: ignore[arg-type]
 
     @property
     def scaled_lr(self) -> float:
@@ -285,6 +297,7 @@ _RULES: dict[str, tuple[Callable[[object], object], Callable[[Any], bool], str]]
     "channels_last": (_flag, lambda v: True, "must be True or False"),
     "grad_clip": (_optional(_number), lambda v: v is None or v > 0, "must be None or a finite number > 0"),
     "init": (_choice("lstsq", "random", "identity"), lambda v: True, "must be 'lstsq', 'random' or 'identity'"),
+    "precondition": (_flag, lambda v: True, "must be True or False"),
     "holdout": (_number, lambda v: 0 <= v < 1, "is a fraction of the training data, a number in [0, 1)"),
     "patience": (_optional(_whole), lambda v: v is None or v >= 1, "must be None or a whole number of epochs >= 1"),
     "min_delta": (_number, lambda v: 0 <= v < 1, "is a rise in accuracy, a number in [0, 1)"),
