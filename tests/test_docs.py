@@ -66,9 +66,12 @@ PAGES = [
     "docs/howto-gpu.md",
     "docs/scale-out.md",
     "docs/faq.md",
+    "docs/paper.md",
+    "docs/performance.md",
+    "docs/trust.md",
 ]
-# pages with code blocks that do not run yet (their figures are measured by hand; see the pages)
-NOT_COVERED = ["docs/paper.md", "docs/performance.md", "docs/trust.md"]
+# pages with code blocks that do not run yet: none now (a new page may start here, then opt in)
+NOT_COVERED: list[str] = []
 # pages whose blocks take more than about 20 s together (all of them still run in CI: .ci/run selects no marker)
 SLOW = {
     "docs/getting-started.md",
