@@ -404,8 +404,12 @@ def test_task_objective_needs_labels(trained, digits):
     tr, _ = digits
     model = trained[0]
     stitched = _fresh_stitch(model, "layer3.0", model, "layer3.0")
-    with pytest.raises(ms.StitchError, match="needs labels"):
+    # with the default recipe the held-out part is scored first: its message names the way out too
+    with pytest.raises(ms.StitchError, match=r"needs labels.*objective='kl' or 'mse'"):
         ms.train_stitch(stitched, _Unlabelled(Subset(tr, range(64))), device=CPU, progress=False)
+    with pytest.raises(ms.StitchError, match=r"the 'task' objective needs labels.*objective='kl' or 'mse'"):
+        ms.train_stitch(stitched, _Unlabelled(Subset(tr, range(64))), recipe=ms.Recipe(holdout=0), device=CPU,
+                        progress=False)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the mse objective

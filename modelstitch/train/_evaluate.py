@@ -90,7 +90,8 @@ def evaluate_stitches(
                 if y is None:
                     raise StitchError(
                         f"evaluation needs labels: {what} yields inputs only (a causal language model takes its next "
-                        "tokens from input_ids)"
+                        "tokens from input_ids); give labels, or train and score without them with objective='kl' or "
+                        "'mse'"
                     )
                 outputs: dict[int, Any] = {}
                 if plan is not None:
