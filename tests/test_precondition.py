@@ -6,7 +6,6 @@ Real tiny stitches and networks on real digits, on the CPU; nothing is mocked.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,12 +20,7 @@ from modelstitch.train import Preconditioner
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_step(stitch: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, precondition: bool) -> None:

@@ -16,14 +16,7 @@ from modelstitch._errors import StitchError
 from modelstitch.core import ActivationSpec
 from modelstitch.stitches import STITCH_KINDS, Stitch, make_stitch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shape_of(x):

@@ -106,7 +106,6 @@ class BestEpoch:
         self.states: list[dict[str, torch.Tensor] | None] = [None] * len(self.models)
         self.active = [True] * len(self.models)  # which stitches still train (all, without recipe.patience)
         self.counted = [(-math.inf, 0)] * len(self.models)  # (accuracy, epoch) of the last counted improvement
-        self.last = [0] * len(self.models)  # the last epoch at which each stitch was evaluated
         self.history: list[list[float]] = [[] for _ in self.models]  # held-out accuracy at each evaluation
 
     def __call__(self, epoch: int) -> None:
@@ -123,7 +122,6 @@ class BestEpoch:
         )
         patience, delta = self.recipe.patience, self.recipe.min_delta
         for i, result in zip(indices, results):
-            self.last[i] = epoch
             self.history[i].append(result["accuracy"])
             score = (result["accuracy"], -result["loss"])
             improved = score > self.best[i]

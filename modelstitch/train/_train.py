@@ -290,7 +290,7 @@ def train_stitches(
             on_epoch=select,
             on_step=on_step,
             active=active,
-            before_step=precondition,
+            before_step=precondition or None,  # an empty one (no stitch has moments) is not called each step
         )
         if select is not None:
             select.restore()
