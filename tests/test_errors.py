@@ -166,13 +166,12 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
     (
         "a study layer list as a string",
         lambda n: _layers_study(n, "layer1.0"),
-        r"must be a list of layer names, got "
-        r"'layer1.0'; for one layer write \['layer1.0'\]",
+        r"must be a list of layer names such as .*, got 'layer1.0'; for one layer write \['layer1.0'\]",
     ),
     (
         "a study layer named twice",
         lambda n: _layers_study(n, ["stem", "stem", "layer1.0"]),
-        r"layers\['a'\] names \['stem'\] more than once",
+        r"layers\['a'\] names layer 'stem' more than once",
     ),
     ("an empty study layer list", lambda n: _layers_study(n, []), r"layers\['a'\] is empty"),
     ("an unknown study layer", lambda n: _layers_study(n, ["stem", "layer9"]), r"no layer 'layer9'"),

@@ -168,10 +168,12 @@ def check_names(value: Any, what: str, *, noun: str, example: str) -> list[str]:
         example: a valid value, for the message (``"['stem', 'layer1.0']"``).
 
     Raises:
-        StitchError: one string instead of a list, an empty list, a name that is not a string, or a repeat.
+        StitchError: one string instead of a list (the message shows it as a list of one), an empty list, a
+            name that is not a string, or a repeat.
     """
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(TEXT.is_kind(v) for v in value):
-        raise StitchError(f"{what} must be a list of {noun} names such as {example}, got {value!r}")
+        hint = f"; for one {noun} write [{value!r}]" if isinstance(value, str) else ""
+        raise StitchError(f"{what} must be a list of {noun} names such as {example}, got {value!r}{hint}")
     if not value:
         raise StitchError(f"{what} is empty: name at least one {noun}, e.g. {example}")
     repeated = duplicates(list(value))

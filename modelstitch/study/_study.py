@@ -35,6 +35,7 @@ from .._version import __version__
 from ..core import (
     BOOLEAN,
     SEED,
+    check_names,
     choice,
     fingerprint_data,
     fingerprint_module,
@@ -753,19 +754,10 @@ class Study:
 
 def _checked_layers(name: str, model: nn.Module, layers: Any) -> list[str]:
     """A network's layer list as given, refused if it is not a non-empty list of distinct, existing layer names."""
-    if isinstance(layers, str) or not isinstance(layers, Sequence) or not all(isinstance(x, str) for x in layers):
-        raise StitchError(
-            f"layers[{name!r}] must be a list of layer names, got {layers!r}"
-            + (f"; for one layer write [{layers!r}]" if isinstance(layers, str) else "")
-        )
-    if not layers:
-        raise StitchError(f"layers[{name!r}] is empty; name at least one layer (modelstitch.list_layers lists them)")
-    repeated = sorted({x for x in layers if list(layers).count(x) > 1})
-    if repeated:
-        raise StitchError(f"layers[{name!r}] names {repeated} more than once; each layer is a row of the matrix once")
-    for layer in layers:
+    checked = check_names(layers, f"layers[{name!r}]", noun="layer", example="['stem', 'layer1.0']")
+    for layer in checked:
         parse_address(model, layer)
-    return list(layers)
+    return checked
 
 
 def _first_input(data: Any) -> Any:
