@@ -6,6 +6,7 @@ Real tiny stitches and networks on real digits, on the CPU; nothing is mocked.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -143,3 +144,30 @@ def test_the_paper_recipe_takes_plain_steps_and_the_flag_is_checked():
     assert "precondition=False" in repr(ms.Recipe.paper())
     with pytest.raises(ms.StitchError, match="precondition must be True or False, got 'yes'"):
         ms.Recipe(precondition="yes")
+
+
+@pytest.mark.parametrize(
+    ("init", "precondition", "steps", "warns"),
+    [
+        ("lstsq", True, ms.train.MIN_WHITENED_STEPS, False),  # whitened steps: 38 are enough
+        ("lstsq", True, ms.train.MIN_WHITENED_STEPS - 1, True),
+        ("lstsq", False, ms.train.MIN_WHITENED_STEPS, True),  # the same 38 plain steps are too few
+        ("random", True, ms.train.MIN_WHITENED_STEPS, True),  # a random start takes plain steps
+        ("random", True, ms.train.MIN_STEPS, False),
+    ],
+)
+def test_the_too_few_steps_warning_counts_whitened_and_plain_steps_apart(init, precondition, steps, warns):
+    sender = zoo.small_resnet("R1111", width=4).eval()
+    receiver = zoo.small_resnet("R1211", width=4).eval()
+    digits = Subset(data.digits(image_size=8), range(128))  # 32 steps per epoch at batch 4
+    stitched = ms.stitch(sender, "layer3.0", receiver, "layer3.0", example_input=digits[0][0][None])
+    recipe = ms.Recipe(init=init, precondition=precondition, holdout=0, batch_size=4, epochs=steps / 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ms.train_stitch(stitched, digits, recipe=recipe, device=CPU, progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ms.StitchWarning)]
+    assert any(f"only {steps} optimiser steps" in m for m in messages) == warns, messages
+    if warns:
+        kind = "whitened" if (init, precondition) == ("lstsq", True) else "plain"
+        floor = ms.train.MIN_WHITENED_STEPS if kind == "whitened" else ms.train.MIN_STEPS
+        assert any(f"below {floor} {kind} steps" in m for m in messages), messages

@@ -279,7 +279,7 @@ def digits(*, train: bool = True, normalize: bool = True, seed: int = 0, image_s
         normalize: normalise (see above); otherwise values are in [0, 1].
         seed: seeds the split; the same seed always gives the same split.
         image_size: height and width of the images (at least 8, their own
-            resolution; the quick preset uses 16).
+            resolution; the quick preset uses 32).
 
     Returns:
         A `TensorDataset` of float32 images ``[N, 3, image_size, image_size]`` and int64

@@ -16,11 +16,12 @@ from ._recipe import Recipe
 from ._scores import SCORES, score_stitches
 from ._select import RISING, BestEpoch, holdout_split
 from ._task import IGNORE_INDEX, Task, cross_entropy, logits_of, task_of
-from ._train import MIN_STEPS, Objective, TrainResult, train_stitch, train_stitches
+from ._train import MIN_STEPS, MIN_WHITENED_STEPS, Objective, TrainResult, train_stitch, train_stitches
 
 __all__ = [
     "IGNORE_INDEX",
     "MIN_STEPS",
+    "MIN_WHITENED_STEPS",
     "OBJECTIVES",
     "RISING",
     "SCORES",

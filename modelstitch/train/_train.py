@@ -31,12 +31,30 @@ from ._precondition import Preconditioner
 from ._recipe import Recipe
 from ._select import BestEpoch, holdout_split, splittable
 
-__all__ = ["MIN_STEPS", "Objective", "TrainResult", "start_stitches", "train_stitch", "train_stitches"]
+__all__ = [
+    "MIN_STEPS",
+    "MIN_WHITENED_STEPS",
+    "Objective",
+    "TrainResult",
+    "start_stitches",
+    "train_stitch",
+    "train_stitches",
+]
 
 Objective = Literal["task", "mse", "kl"]
 
 MIN_STEPS = 75
-"""Fewer optimiser steps than this draw a `StitchWarning` (measured: see docs/trust.md, "How many steps")."""
+"""Fewer plain optimiser steps than this draw a `StitchWarning` (measured: see docs/trust.md, "How many steps")."""
+
+MIN_WHITENED_STEPS = 38
+"""The same for a call whose stitches all take whitened steps (`Recipe.precondition` after a least-squares start)."""
+
+# What the trust page's steps sweep measured (mean accuracy of R1111 -> R1211 per doubling of the steps);
+# each floor is the step count from which one more doubling added less than 2 points.
+_STEP_FLOORS = {
+    True: (MIN_WHITENED_STEPS, "whitened", "3.1 to 6.5 points with each doubling up to 38 steps, 1.6 from 38 to 76"),
+    False: (MIN_STEPS, "plain", "2.4 to 5.1 points with each doubling up to 76 steps, 1.5 from 76 to 152"),
+}
 
 
 @dataclasses.dataclass
@@ -238,12 +256,12 @@ def train_stitches(
         # whitened steps for the stitches that started from least squares (it measured their input moments)
         precondition = Preconditioner([m.stitch for m in models], dev) if recipe.precondition else None
         total = total_steps(recipe.epochs, steps_per_epoch)
-        if total < MIN_STEPS:
+        floor, kind, measured = _STEP_FLOORS[precondition is not None and len(precondition) == len(models)]
+        if total < floor:
             warnings.warn(
                 f"{len(models)} stitch(es) get only {total} optimiser steps ({steps_per_epoch} per epoch); below "
-                f"{MIN_STEPS} a stitch is far from trained (measured on the quick preset's R1111 -> R1211 with the "
-                "default recipe: the mean cell accuracy rose 3.1-6.5 points with each doubling up to 38 steps, 1.6 "
-                "from 38 to 76). "
+                f"{floor} {kind} steps a stitch is far from trained (measured on the quick preset's R1111 -> R1211 "
+                f"with the default recipe, docs/trust.md 'How many steps': the mean cell accuracy rose {measured}). "
                 "Use more epochs, a smaller batch or more data",
                 StitchWarning,
                 stacklevel=3,
