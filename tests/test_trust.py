@@ -243,3 +243,25 @@ def test_patience_without_held_out_data_warns():
         )  # fmt: skip
     with pytest.raises(ms.StitchError, match="patience"):
         ms.Recipe(patience=0)
+
+
+@pytest.mark.slow
+def test_the_quick_presets_recipe_stops_a_settled_stitch_and_patience_4_trains_it_all_epochs(digits_net):
+    """A self-stitch starts at its exact least-squares solution, so no epoch raises its held-out accuracy by a
+    point: the quick preset's recipe stops it after one epoch, keeping a state at least as good as its start;
+    ``--patience 4`` (`PresetOptions(patience=4)`) trains it all 4 epochs, as the runs of docs/paper.md do."""
+    from modelstitch.study import PRESETS, PresetOptions
+    from modelstitch.study._presets import _stitch_recipe
+
+    quick = PRESETS["quick"].recipe
+    full = _stitch_recipe(PresetOptions(patience=4), quick)
+    assert (quick.epochs, quick.patience, quick.min_delta, full.patience, full.min_delta) == (4, 1, 0.01, 4, 0.01)
+
+    def run(recipe):
+        stitched = ms.stitch(digits_net, "layer2.0", digits_net, "layer2.0", example_input=torch.randn(2, 3, 32, 32))
+        return ms.train_stitch(stitched, data.digits(), recipe=recipe, device="cpu", progress=False)
+
+    early, every = run(quick), run(full)
+    assert len(every.epoch_losses) == 4 and every.steps % 4 == 0
+    assert len(early.epoch_losses) == 1 and early.steps == every.steps // 4
+    assert early.holdout_accuracy >= every.holdout_accuracy - 0.01  # the epochs it skipped added under a point
