@@ -141,11 +141,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.append(run_setting(f"a-paper-seed{seed}", nets, pair, train, test, paper.replace(seed=seed), out,
                                    device, **layers))  # fmt: skip
     fast = {"share_suffix": True, **layers} if args.fast_options or args.share_suffix else layers
-    lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [preset.recipe.lr]
+    # (b) trains every stitch all its epochs unless --patience says otherwise (the quick preset stops early)
+    default = preset.recipe.replace(patience=None, min_delta=0.0)
+    lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [default.lr]
     patiences = [None if p == "none" else int(p) for p in args.patience.split(",")] if args.patience else [None]
     epoch_list = [float(e) for e in args.epochs.split(",")]
     for lr, epochs, patience in itertools.product(lrs, epoch_list, patiences):
-        recipe = preset.recipe.replace(epochs=epochs, lr=lr, patience=patience)
+        recipe = default.replace(epochs=epochs, lr=lr, patience=patience)
         if patience is not None and args.min_delta:
             recipe = recipe.replace(min_delta=args.min_delta)
         if args.fast_options:
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name += f"-delta{args.min_delta:g}" if patience is not None and args.min_delta else ""
         results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
     for changes in args.candidate:
-        recipe = preset.recipe.replace(**changes)
+        recipe = default.replace(**changes)
         name = "b-" + ",".join(f"{k}={v}" for k, v in changes.items())
         results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
     base = np.array(results[0]["accuracy"])

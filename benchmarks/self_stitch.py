@@ -43,8 +43,13 @@ from modelstitch.study import PRESETS, zoo_models
 PAIRS = [("R1111", "R1111"), ("R1111", "R1211")]
 
 
+def full_epochs() -> ms.Recipe:
+    """The quick preset's stitch recipe with every stitch trained all its epochs (the preset itself stops early)."""
+    return PRESETS["quick"].recipe.replace(patience=None, min_delta=0.0)
+
+
 def settings() -> dict[str, ms.Recipe]:
-    quick = PRESETS["quick"].recipe
+    quick = full_epochs()
     return {
         "paper": ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4),
         "plain": quick.replace(precondition=False),
@@ -125,7 +130,7 @@ def steps_sweep(out: Path, epochs: list[float]) -> list[dict[str, float]]:
             test_data=data.digits(train=False),
             out=out / f"sweep-{e}",
             pairs=[("R1111", "R1211")],
-            recipe=PRESETS["quick"].recipe.replace(epochs=e),
+            recipe=full_epochs().replace(epochs=e),
             device=cpu,
             sanity=False,
         ).run(progress=False)
