@@ -248,8 +248,8 @@ def test_patience_without_held_out_data_warns():
 @pytest.mark.slow
 def test_the_quick_presets_recipe_stops_a_settled_stitch_and_patience_4_trains_it_all_epochs(digits_net):
     """A self-stitch starts at its exact least-squares solution, so no epoch raises its held-out accuracy by a
-    point: the quick preset's recipe stops it after one epoch, keeping a state at least as good as its start;
-    ``--patience 4`` (`PresetOptions(patience=4)`) trains it all 4 epochs, as the runs of docs/paper.md do."""
+    point: the quick preset's recipe stops it after one epoch, its held-out accuracy within a point of the full
+    run's; ``--patience 4`` (`PresetOptions(patience=4)`) trains it all 4 epochs, as the runs of docs/paper.md do."""
     from modelstitch.study import PRESETS, PresetOptions
     from modelstitch.study._presets import _stitch_recipe
 
