@@ -101,6 +101,21 @@ def test_layer_identification_writes_its_json(tmp_path, capsys):
     assert "| 4 | cca | mean |" in capsys.readouterr().out
 
 
+def test_machine_speed_prints_and_writes_both_probes(tmp_path, capsys):
+    bench = _load("machine_speed")
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--threads", "1", "--repeats", "1", "--json", str(tmp_path / "speed.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "speed.json").read_text()) == result
+    assert _positive_finite(result["matmul_gflops"]) and _positive_finite(result["resnet_step_ms"])
+    assert result["threads"] == 1 and result["torch"] == torch.__version__
+    assert capsys.readouterr().out.startswith("machine speed: matmul ")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+
+
 def test_bench_memory_runs_each_point_in_its_own_process(tmp_path):
     bench = _load("bench_memory")
     argv = ["--device", "cpu", "--pairs", "2", "--layers", "1", "--limit", "64", "--epochs", "0.5"]
