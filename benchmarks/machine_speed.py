@@ -1,9 +1,9 @@
 """How fast this machine is right now: two short probes to print beside a timing.
 
 The same 2-core cloud machine type can run the same work at very different speeds: on 2026-12-03 the quick
-preset (identical cells, identical numbers) took 2 min 55 s at 13:41 and 1 min 28 s at 14:16 on one idle
+preset (identical cells, identical numbers) took 2 min 55 s at 13:41 and 1 min 28 s at 14:09 on one idle
 machine, with twice the CPU time for the same work (docs/performance.md, "The quick preset"). A wall time is only
-comparable with another taken at the same speed, so `.ci/run` prints these probes after the main job and the
+comparable with another taken at the same speed, so `.ci/run` prints these probes after each README command and the
 docs quote them beside the times they cite:
 
 - ``matmul_gflops``: a float32 1024 x 1024 matrix product, in GFLOP/s (``2 n^3`` operations a product);

@@ -548,7 +548,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-pairs",
         type=count,
-        help="only the first N ordered pairs (and their controls); rerun without it to add the rest",
+        help="only the first N ordered pairs (and their controls); rerun with a larger N to add the rest "
+        "(default: the preset's own: all, but 1 of quick's 2)",
     )
     run.add_argument("--width", type=count, help="override the networks' width (channels of the first stage)")
     run.add_argument("--batch-size", type=count, help="override the stitch batch size (the learning rate scales)")

@@ -248,8 +248,8 @@ def test_the_study_file_table_is_valid_as_it_stands(tmp_path):
 # ---------------------------------------------------------------- preset options from Python
 
 OPTION_ROWS: list[tuple[str, dict[str, Any], str]] = [
-    ("max_pairs negative", {"max_pairs": -1}, r"PresetOptions: max_pairs must be an int >= 1, or None \(all pairs\), "
-     r"got -1"),
+    ("max_pairs negative", {"max_pairs": -1},
+     r"PresetOptions: max_pairs must be an int >= 1, or None \(the preset's own\), got -1"),
     ("max_pairs zero", {"max_pairs": 0}, r"max_pairs must be an int >= 1.*got 0"),
     ("max_pairs a bool", {"max_pairs": True}, r"max_pairs must be an int >= 1.*got True"),
     ("epochs zero", {"epochs": 0}, r"PresetOptions: epochs must be a number > 0.*got 0"),

@@ -275,3 +275,20 @@ def test_the_cell_bar_ends_at_its_total(tmp_path, monkeypatch, batch_size, epoch
         warnings.simplefilter("error", TqdmWarning)
         study.run(progress=True)
     assert _RecordingBar.closed == [(15, 15)]
+
+
+def test_the_quick_preset_runs_its_first_pair_and_max_pairs_adds_the_reverse(tmp_path):
+    """Like the paper's figure: R1111 -> R1211 and its control, with both self-stitch diagonals; ``max_pairs=2``
+    (``--max-pairs 2``) is the preset of version 0.2, each network into the other."""
+    from modelstitch.study import build_preset_study
+
+    tiny = {"limit": 48, "epochs": 0.25, "device": "cpu", "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ms.StitchWarning)  # few optimiser steps on 48 samples
+        first = build_preset_study("quick", out=tmp_path, **tiny)
+        both = build_preset_study("quick", out=tmp_path, max_pairs=2, **tiny)  # the networks are reused
+    assert first.pairs == [("R1111", "R1211"), ("R1111 random", "R1211 random"), ("R1111", "R1111"),
+                           ("R1211", "R1211")]  # fmt: skip
+    assert both.pairs == [("R1111", "R1211"), ("R1111 random", "R1211 random"), ("R1211", "R1111"),
+                          ("R1211 random", "R1111 random"), ("R1111", "R1111"), ("R1211", "R1211")]  # fmt: skip
+    assert (len(first.cells()), len(both.cells())) == (30 + 30 + 5 + 6, 131)

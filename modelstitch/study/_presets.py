@@ -55,6 +55,9 @@ class Preset:
             ``"cross"`` (only pairs of different networks) or ``"first"``
             (the first network with each other one, both ways); each network's
             self-stitch diagonal is still added as its sanity check.
+        max_pairs: run only the first N of those ordered pairs (and their
+            control pairs) unless the run asks for another number (``None``:
+            all of them).
         limit: training samples used unless the run asks for another number
             (for language models: the stitches' training sequences; the
             networks train on the whole training split).
@@ -72,6 +75,7 @@ class Preset:
     recipe: Recipe
     controls: bool = True
     pairs: str = "all"
+    max_pairs: int | None = None
     limit: int | None = None
     test_limit: int | None = None
     names: tuple[str, ...] | None = None
@@ -92,8 +96,8 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "quick",
-            "two narrow small ResNets and their random controls on offline 8x8 digits, each into the other; "
-            "about two minutes on 2 CPU cores",
+            "two narrow small ResNets and their random controls on offline 8x8 digits, the first into the "
+            "second (--max-pairs 2: each into the other); one to two minutes on 2 CPU cores",
             ("R1111", "R1211"),
             width=8,
             dataset="digits",
@@ -103,6 +107,7 @@ PRESETS: dict[str, Preset] = {
             # up to 4 epochs; a stitch stops once an epoch raised its held-out accuracy by under a point
             recipe=Recipe(lr=0.01, batch_size=64, base_batch_size=64, epochs=4, patience=1, min_delta=0.01),
             pairs="cross",
+            max_pairs=1,  # like the paper's figure: one trained pair and its random control
         ),
         Preset(
             "cifar-small",
@@ -301,7 +306,8 @@ class PresetOptions:
         limit: use only this many training (and test) samples.
         epochs: override the epochs of both network and stitch training.
         max_pairs: run only the first N ordered pairs of trained networks (and
-            their control pairs); rerun without it to add the rest.
+            their control pairs); rerun with a larger N to add the rest
+            (``None``: the preset's own, `Preset.max_pairs`).
         measures: ``("stitch", "cka", ...)``, see `Study`.
         width: override the networks' width (channels of the first stage).
         batch_size: override the stitch recipe's batch size (the learning
@@ -374,7 +380,7 @@ _OPTIONS: dict[str, Allowed] = {
     "seed": SEED,
     "limit": integer(1).or_none("all samples"),
     "epochs": number(above=0).or_none("the recipes' own"),
-    "max_pairs": integer(1).or_none("all pairs"),
+    "max_pairs": integer(1).or_none("the preset's own"),
     "width": integer(1).or_none("the preset's"),
     "batch_size": integer(1).or_none("the recipe's"),
     "init": choice(INITS).or_none("the recipe's"),
@@ -451,8 +457,9 @@ def build_preset_study(
     pairs: Any = [(a, b) for a in trained for b in trained if preset.pairs == "all" or a != b]
     if preset.pairs == "first":
         pairs = [(a, b) for a, b in pairs if trained[0] in (a, b)]
-    if options.max_pairs is not None:
-        pairs = pairs[: options.max_pairs]
+    max_pairs = options.max_pairs if options.max_pairs is not None else preset.max_pairs
+    if max_pairs is not None:
+        pairs = pairs[:max_pairs]
     extra = {"memory_budget": options.memory_budget} if options.memory_budget is not None else {}
     study = Study(
         models,
