@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import platform
@@ -152,13 +153,19 @@ class Cell:
         position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         with torch.no_grad():
             embeds = model.wte(ids)
-        mask = create_causal_mask(
-            config=model.config,
-            inputs_embeds=embeds,
-            attention_mask=x["attention_mask"],
-            cache=None,
-            position_ids=position_ids,
-        )  # None under SDPA with no padding: the attention is then causal by its is_causal flag
+        # the keywords moved between transformers 5 releases: (input_embeds, cache_position, past_key_values) in
+        # 5.17 and earlier, (inputs_embeds, cache) later; pass what this version names
+        names = inspect.signature(create_causal_mask).parameters
+        arguments = {
+            "config": model.config,
+            "inputs_embeds" if "inputs_embeds" in names else "input_embeds": embeds,
+            "attention_mask": x["attention_mask"],
+            "position_ids": position_ids,
+            "cache" if "cache" in names else "past_key_values": None,
+        }
+        if "cache_position" in names:
+            arguments["cache_position"] = position_ids[0]
+        mask = create_causal_mask(**arguments)  # None under SDPA with no padding: causal by its is_causal flag
         return {"attention_mask": mask, "position_ids": position_ids}
 
     def floor_logits(self, hidden: torch.Tensor) -> torch.Tensor:

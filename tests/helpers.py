@@ -69,5 +69,6 @@ def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    """Same keys and values; compared on the CPU, since nn.DataParallel moves a module to cuda:0 itself."""
     now = model.state_dict()
-    return now.keys() == snapshot.keys() and all(torch.equal(now[k], snapshot[k]) for k in snapshot)
+    return now.keys() == snapshot.keys() and all(torch.equal(now[k].cpu(), snapshot[k].cpu()) for k in snapshot)

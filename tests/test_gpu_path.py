@@ -80,3 +80,17 @@ def test_the_gpu_path_on_cuda(net, tmp_path):
     cpu = _study(net.cpu(), tmp_path / "cpu", memory_budget=0, share_suffix=True)
     assert np.isfinite(cuda.matrix("A", "A")).all()
     np.testing.assert_allclose(cuda.matrix("A", "A"), cpu.matrix("A", "A"), atol=0.05)  # bf16 on two devices
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_spilled_cache_gives_its_rows_on_its_device():
+    # a CUDA study with memory_budget=0 once fed the stitch CPU rows from the memory-mapped file (a dtype error
+    # under autocast, which casts only CUDA tensors); every row must come back on the cache's device
+    rows = torch.randn(4, 3)
+    with ActivationCache(4, memory_budget=0, device="cuda") as cache:
+        cache.write("a", 0, rows.cuda())
+        cache.write("y", 0, torch.arange(4).cuda())
+        assert cache.bytes_in_memory == 0
+        got, labels = cache.gather("a", torch.tensor([2, 0])), cache.gather("y", torch.tensor([3]))
+    assert got.device.type == labels.device.type == "cuda"
+    assert torch.equal(got.cpu(), rows[[2, 0]]) and labels.item() == 3

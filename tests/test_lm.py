@@ -354,3 +354,13 @@ def test_a_masked_lm_scores_what_its_head_predicts():
         hf = model(**x, labels=labels.masked_fill(x["attention_mask"] == 0, -100)).loss.item()
     assert not ms.train.task_of(model).causal
     assert ms.evaluate(model, [(x, labels)], device="cpu")["loss"] == pytest.approx(hf, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_dict_example_input_follows_the_networks_to_cuda(tmp_path):
+    # stitch() and a Study once moved only a tensor example_input: a HuggingFace batch stayed on the CPU and the
+    # CUDA network's embedding failed on it
+    a, b = (ms.zoo.tiny_gpt2(2, width=16, seq_len=16, seed=s).cuda() for s in (0, 1))
+    x = {"input_ids": torch.randint(0, 200, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    stitched = ms.stitch(a, "transformer.h.0", b, "transformer.h.1", example_input=x)
+    assert next(stitched.stitch.parameters()).is_cuda

@@ -20,7 +20,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         The device to use.
 
     Raises:
-        StitchError: CUDA was asked for but is not available.
+        StitchError: CUDA was asked for but is not available, or a CUDA device
+            index past the last visible device.
 
     Examples:
         >>> resolve_device("cpu")
@@ -35,5 +36,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StitchError(
             f"device={device!r} asked for CUDA, but torch.cuda.is_available() is False; use device='cpu' or 'auto'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise StitchError(
+            f"device={device!r} asks for CUDA device {dev.index}, but torch sees {torch.cuda.device_count()} "
+            "(numbered from 0; CUDA_VISIBLE_DEVICES sets which); use 'cuda' for the first one or 'auto'"
         )
     return dev

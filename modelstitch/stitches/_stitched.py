@@ -22,6 +22,7 @@ from ..core import (
     match_dtype,
     parse_address,
     suffix,
+    to_device,
 )
 from ._lstsq import fit_least_squares
 from ._modules import Stitch, make_stitch
@@ -271,8 +272,8 @@ def stitch(
     if example_input is None:
         raise StitchError("stitch() needs example_input=<a batch like your data>, e.g. torch.randn(2, 3, 32, 32)")
     device = next((p.device for p in sender.parameters()), None)
-    if device is not None and isinstance(example_input, torch.Tensor):
-        example_input = example_input.to(device)
+    if device is not None:  # a tensor, or a tuple or dict of them (a HuggingFace batch)
+        example_input = to_device(example_input, device)
     sender_address = parse_address(sender, sender_layer)
     receiver_address = parse_address(receiver, receiver_layer)
     provided = _probe(sender, sender_address, example_input, sender_output, role="sender")

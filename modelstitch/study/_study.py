@@ -48,6 +48,7 @@ from ..core import (
     save_checkpoint,
     split_batch,
     suffix,
+    to_device,
 )
 from ..metrics import LAYER_MEASURES, LAYER_RULES, compare_layers
 from ..stitches import STITCH_KINDS, StitchedModel, assemble
@@ -580,9 +581,7 @@ class Study:
 
     def _build_pair(self, a: str, b: str, objective: str) -> list[tuple[Cell, StitchedModel]]:
         sender, receiver = self.models[a].to(self.device), self.models[b].to(self.device)
-        example = self.example_input
-        if isinstance(example, torch.Tensor):
-            example = example.to(self.device)
+        example = to_device(self.example_input, self.device)  # a tensor, or a dict of them (a HuggingFace batch)
         specs_a = self._specs(sender, a, example)
         specs_b = self._specs(receiver, b, example)
         suffixes = {rl: suffix(receiver, rl, example_input=example) for rl in self.layers[b]}

@@ -26,7 +26,8 @@ class ActivationCache:
     Args:
         capacity: samples per key.
         memory_budget: bytes kept in memory; the rest goes to disk.
-        device: where the in-memory arrays live.
+        device: where the in-memory arrays live, and where `gather` returns
+            every row (spilled rows are moved there).
         directory: where spilled arrays go (default: the system temp folder).
         dtype: store floating-point rows in this dtype (e.g. ``torch.bfloat16``
             to halve a float32 cache); ``None`` keeps each key's own dtype.
@@ -101,15 +102,16 @@ class ActivationCache:
     def gather(self, key: str, index: torch.Tensor) -> torch.Tensor:
         """Rows at sample positions ``index`` (``[b]``), as a ``[b, ...]`` tensor.
 
-        Spilled rows are read in file order (then put back in ``index`` order)
-        and returned on the CPU.
+        Rows are returned on the cache's ``device`` wherever they are kept:
+        spilled rows are read in file order, put back in ``index`` order and
+        moved there.
         """
         if key in self._ram:
             return self._ram[key].index_select(0, index.to(self.device))
         index = index.cpu()
         order = torch.argsort(index)
         rows = self._disk[key].index_select(0, index[order])
-        return rows[torch.argsort(order)]
+        return rows[torch.argsort(order)].to(self.device)
 
     def _allocate(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         numel = self.capacity * math.prod(shape)
