@@ -203,3 +203,24 @@ def test_cost_model_fits_checks_and_projects(tmp_path):
     check = summary["checks"][0]
     assert check["cells"] == 30 and _positive_finite(check["seconds"]) and _positive_finite(check["predicted"])
     assert _positive_finite(summary["paper_preset"]["cpu_days"])
+
+
+def test_bench_epoch_splits_a_pairs_time_into_epochs_and_fixed_costs(tmp_path):
+    bench = _load("bench_epoch")
+    path = tmp_path / "epoch.json"
+    threads = torch.get_num_threads()
+    try:
+        options = {"--device": "cpu", "--arch": "R1111", "--width": "4", "--samples": "96", "--test-samples": "32"}
+        options |= {"--sender-layers": "layer4.0", "--batch-size": "16", "--epochs": "1,3", "--threads": "1"}
+        returned = bench.main([part for pair in {**options, "--json": str(path)}.items() for part in pair])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(path.read_text())
+    assert result == json.loads(json.dumps(returned))
+    assert result["cells"] == 5 and result["layers"]["A"] == ["layer4.0"] and len(result["layers"]["B"]) == 5
+    assert set(result["seconds"]) == {"1", "3"} and all(_positive_finite(v) for v in result["seconds"].values())
+    # the split reproduces both timed runs: cells * (fixed + epochs * per stitch-epoch)
+    for epochs in (1, 3):
+        modelled = result["cells"] * (result["fixed_seconds_per_cell"] + epochs * result["seconds_per_stitch_epoch"])
+        assert modelled == pytest.approx(result["seconds"][str(epochs)], rel=1e-9)
+    assert result["peak_cuda_gib"] is None and "batch_size=16" in result["recipe"]
