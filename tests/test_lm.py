@@ -357,7 +357,7 @@ def test_a_masked_lm_scores_what_its_head_predicts():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_dict_example_input_follows_the_networks_to_cuda(tmp_path):
+def test_a_dict_example_input_follows_the_networks_to_cuda():
     # stitch() and a Study once moved only a tensor example_input: a HuggingFace batch stayed on the CPU and the
     # CUDA network's embedding failed on it
     a, b = (ms.zoo.tiny_gpt2(2, width=16, seq_len=16, seed=s).cuda() for s in (0, 1))
