@@ -36,7 +36,9 @@ import modelstitch as ms
 from modelstitch import zoo
 
 
-def run_study(nets: dict, layers: dict, train: Any, test: Any, recipe: ms.Recipe, device: torch.device, **options):
+def run_study(
+    nets: dict, layers: dict, train: Any, test: Any, recipe: ms.Recipe, device: torch.device, **options: Any
+) -> tuple[float, int]:
     """Seconds for one study of the pair A -> B at ``recipe``, and its number of cells."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
