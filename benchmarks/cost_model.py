@@ -11,7 +11,7 @@ work, so the model of one pair's study is
     seconds = t_study + t_cell * cells + p * P + o * sum over cells of P_c * d_j + W / R,
     W = N * F_sender + N_train * F_receiver + V * F_sender              (cache, least-squares targets, evals)
         + sum over cells of (3 * B * S + V) * (f_j + g_c)                 (steps forward and back, evals)
-        + 2 * sum over cells of (N_train * l_c + s_c)                     (least squares, in float64)
+        + 2 * sum over cells of (N_train * l_c + s_c)                     (least squares, as float64 work)
 
 with ``P_c = S + eval batches`` the passes of a cell and ``P`` their sum, ``d_j`` the receiver blocks after
 cut ``j`` (the classifier head counts as one), ``f_j`` the suffix's forward FLOPs per sample, ``F_sender`` /
@@ -111,7 +111,8 @@ def features(
     overhead = sum((steps + eval_batches) * d for d, _, _ in cells)
     work = n * sender + (n - held) * receiver + evaluated * sender  # cache, least-squares targets, evaluations
     for _, f, (g, fit, solve) in cells:
-        work += 3 * batch * steps * (f + g) + evaluated * (f + g) + 2 * ((n - held) * fit + solve)  # fit: float64
+        # the fit counts twice: it was float64 work when the coefficients were fitted (float32 products since)
+        work += 3 * batch * steps * (f + g) + evaluated * (f + g) + 2 * ((n - held) * fit + solve)
     return np.array([1.0, len(cells), passes, overhead, work])
 
 

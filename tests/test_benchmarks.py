@@ -81,6 +81,24 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
         assert summary[key] in (None, *names[2:])
 
 
+def test_bench_lstsq_compares_the_float32_fit_with_the_float64_one(tmp_path, capsys):
+    bench = _load("bench_lstsq")
+    threads = torch.get_num_threads()
+    try:
+        summary = bench.main(
+            ["--limit", "96", "--threads", "1", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "l.json")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "l.json").read_text()) == json.loads(json.dumps(summary))
+    assert len(summary["cells"]) == 5 * 6  # R1111's five layers into R1211's six
+    assert _positive_finite(summary["seconds"]) and _positive_finite(summary["seconds_float64"])
+    # measured: 1.8e-3 (networks trained on 96 images); a float32 fit far from the float64 one fails this
+    assert 0 < summary["largest_output_difference"] < 1e-2
+    assert summary["largest_accuracy_difference"] <= 2 / 96  # two test images at most
+    assert "float32 products" in capsys.readouterr().out
+
+
 def test_layer_identification_writes_its_json(tmp_path, capsys):
     bench = _load("layer_identification")
     threads = torch.get_num_threads()

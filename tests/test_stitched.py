@@ -170,8 +170,8 @@ def test_output_selectors_are_honoured_by_every_path(cache):
     result = ms.train_stitch(s, data, objective="mse", recipe=recipe, device="cpu", progress=False, cache=cache)
     assert result.epoch_losses[0] == pytest.approx(mse, rel=1e-5)
     ms.fit_least_squares(s, [(x, y)], ridge=0.0)
-    with torch.no_grad():  # receiver.pair.b is linear in x, and so is q: least squares recovers it exactly
-        torch.testing.assert_close(s.stitch(q), receiver.pair(x)[1], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # receiver.pair.b is linear in x, and so is q: least squares recovers it (float32 products)
+        torch.testing.assert_close(s.stitch(q), receiver.pair(x)[1], atol=1e-3, rtol=1e-3)
     assert no_hooks_left(sender) and no_hooks_left(receiver)
 
 

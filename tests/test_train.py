@@ -137,12 +137,12 @@ def test_nan_data_names_the_split_and_the_sample(trained, digits, cache):
 
 
 def test_held_out_nan_is_named_with_its_index_in_the_dataset(trained, digits):
-    """A NaN only in the 15% held out used to end training at its start with held-out accuracy 0, unannounced."""
+    """A NaN only in the part held out used to end training at its start with held-out accuracy 0, unannounced."""
     tr, _ = digits
     model = trained[0]
     x, y = tr.tensors[0][:200].clone(), tr.tensors[1][:200]
     data = TensorDataset(x, y)
-    _, held = ms.train.holdout_split(data, 0.15, seed=0)
+    _, held = ms.train.holdout_split(data, ms.Recipe().holdout, seed=0)
     bad = held.indices[4]
     x[bad] = math.nan
     stitched = _fresh_stitch(model, "layer2.0", model, "layer3.0")
@@ -488,6 +488,47 @@ def test_least_squares_after_an_upsampling_equals_the_fit_on_upsampled_rows(expe
     assert fit.rows == len(rows) == 16 * 36
     torch.testing.assert_close(stitch.linear.weight.reshape(5, 4).double(), reference[:4].T, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stitch.linear.bias.double(), reference[4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("sender_layer", "receiver_layer", "tolerance"),
+    [("stem", "stem", 1e-5), ("layer1.0", "layer4.0", 1e-3)],  # measured: 4e-7 and 9e-5
+)
+def test_least_squares_in_float32_gives_the_float64_fit(trained, digits, sender_layer, receiver_layer, tolerance):
+    """Each batch's products are float32 (at full precision even under 'medium'); the fit is the float64 one.
+
+    The reference feeds the same activations in float64, which `LeastSquares` keeps in float64 throughout.
+    Cells: a 1x1 convolution on every pixel (the most rows per batch; ReLU features, all >= 0) and a
+    4x4 stride-4 convolution (256 inputs per output, an ill-conditioned system). Compared by the stitch's
+    output on the test images: the weights of an ill-conditioned fit move more (up to 6e-4 here).
+    """
+    tr, te = digits
+    model = trained[0]
+    stitched = ms.stitch(model, sender_layer, model, receiver_layer, example_input=_example(tr))
+    reference = copy.deepcopy(stitched.stitch)
+    fit64 = ms.stitches.LeastSquares(reference)
+
+    def provided_and_expected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            sent = ms.core.prefix_outputs([stitched.sender_prefix], x)[stitched.sender_prefix.key]
+            return sent, ms.core.prefix_outputs([stitched.receiver_prefix], x)[stitched.receiver_prefix.key]
+
+    for x, _ in DataLoader(tr, batch_size=256):
+        provided, expected = provided_and_expected(x)
+        fit64.update(provided.double(), expected.double())
+    fit64.solve()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        ms.stitches.fit_least_squares(stitched, tr, device=CPU)
+        assert torch.get_float32_matmul_precision() == "medium"  # put back as it was
+    finally:
+        torch.set_float32_matmul_precision(before)
+    provided, _ = provided_and_expected(torch.stack([te[i][0] for i in range(len(te))]))
+    with torch.no_grad():
+        got, want = stitched.stitch(provided), reference(provided)
+    assert ((got - want).norm() / want.norm()).item() < tolerance
+    torch.testing.assert_close(stitched.stitch.input_moments, reference.input_moments, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("downsample", [False, True])
