@@ -470,6 +470,22 @@ def test_least_squares_recovers_an_exact_linear_map(provided, expected, truth):
         torch.testing.assert_close(stitch(xs[0]), true(xs[0]), rtol=1e-4, atol=1e-5)
 
 
+def test_least_squares_takes_inputs_of_mixed_float_dtypes():
+    """float32 rows against float64 targets (or bf16 ones) are summed in one dtype, not refused."""
+    torch.manual_seed(0)
+    true = nn.Conv2d(4, 3, 1)
+    stitch = ms.make_stitch((4, 6, 6), (3, 6, 6))
+    fit = ms.stitches.LeastSquares(stitch)
+    for _ in range(2):
+        x = torch.randn(16, 4, 6, 6)
+        with torch.no_grad():
+            fit.update(x, true(x).double())
+    fit.update(x.bfloat16(), true(x).detach().bfloat16())  # a bf16 batch, as autocast gives: rounded, still summed
+    fit.solve(ridge=0.0)
+    assert fit.xtx.dtype == torch.float64
+    torch.testing.assert_close(stitch.linear.weight, true.weight, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("expected", [(5, 6, 6), (37, 5)], ids=["map", "tokens"])
 def test_least_squares_after_an_upsampling_equals_the_fit_on_upsampled_rows(expected):
     """Fitted on pre-upsampling pixels and pooled targets, the solution is the one on all upsampled rows."""

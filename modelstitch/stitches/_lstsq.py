@@ -91,7 +91,8 @@ class LeastSquares:
             y = y.reshape(-1, y.shape[-1])
         if self.bias:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 and half rise to float32; float64 stays
+        # one dtype for both: bf16 and half rise to float32, and float64 in either stays float64
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
         return x.to(dtype), y.to(dtype)
 
     def update(self, provided: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -131,12 +132,12 @@ class LeastSquares:
         """
         if self.xtx is None or self.xty is None:
             raise StitchError("least-squares init saw no data; pass init_data with at least one batch")
-        a, xty = self.xtx.clone(), self.xty
+        a = self.xtx.clone()
         d = a.shape[0] - int(self.bias)
         a[range(d), range(d)] += ridge * a.diagonal()[:d].mean().clamp_min(1e-12)
-        if not (torch.isfinite(a).all() and torch.isfinite(xty).all()):
+        if not (torch.isfinite(a).all() and torch.isfinite(self.xty).all()):
             raise StitchError("least-squares init saw NaN or infinite activations; check the data and the networks")
-        w = torch.linalg.lstsq(a, xty).solution if ridge == 0 else torch.linalg.solve(a, xty)
+        w = torch.linalg.lstsq(a, self.xty).solution if ridge == 0 else torch.linalg.solve(a, self.xty)
         if not torch.isfinite(w).all():
             raise StitchError(
                 f"least squares with ridge={ridge} gave non-finite weights (the provided features are collinear); "
