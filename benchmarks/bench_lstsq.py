@@ -29,6 +29,8 @@ import modelstitch as ms
 from modelstitch.study import PRESETS, load_dataset, zoo_models
 from modelstitch.train import holdout_split
 
+BATCH = 256  # the batch a Study fits least squares with (its eval_batch_size)
+
 
 @torch.no_grad()
 def fit_float64(models: list[ms.StitchedModel], data: Any, batch_size: int) -> None:
@@ -68,24 +70,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset, out=Path(args.out), train_data=augmented, test_data=test, seed=0, device=cpu, progress=False
     )
     a, b = args.pair.split(",")
-    nets = {a: models[a], b: models[b]}
-    study = ms.Study(nets, train_data=train, test_data=test, out=Path(args.out) / "lstsq", pairs=[(a, b)], device="cpu")
     part, _ = holdout_split(train, preset.recipe.holdout, seed=preset.recipe.seed)
     example = torch.stack([train[i][0] for i in range(2)])
 
-    def cells() -> list[ms.StitchedModel]:
+    def cells() -> list[ms.StitchedModel]:  # every layer into every layer, as a Study's default layers
         return [
             ms.stitch(models[a], sl, models[b], rl, example_input=example)
-            for sl in study.layers[a]
-            for rl in study.layers[b]
+            for sl in ms.zoo.layer_names(models[a])
+            for rl in ms.zoo.layer_names(models[b])
         ]
 
     fitted, reference = cells(), cells()
     start = time.perf_counter()
-    ms.stitches.fit_least_squares_all(fitted, part, batch_size=study.eval_batch_size, device=cpu)
+    ms.stitches.fit_least_squares_all(fitted, part, batch_size=BATCH, device=cpu)
     seconds = time.perf_counter() - start
     start = time.perf_counter()
-    fit_float64(reference, part, study.eval_batch_size)
+    fit_float64(reference, part, BATCH)
     seconds_float64 = time.perf_counter() - start
     accuracy = ms.train.evaluate_stitches(fitted, test, device=cpu)
     accuracy_float64 = ms.train.evaluate_stitches(reference, test, device=cpu)

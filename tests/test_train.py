@@ -525,9 +525,10 @@ def test_least_squares_in_float32_gives_the_float64_fit(trained, digits, sender_
     fit64 = ms.stitches.LeastSquares(reference)
 
     def provided_and_expected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sender, receiver = stitched.sender_prefix, stitched.receiver_prefix
         with torch.no_grad():
-            sent = ms.core.prefix_outputs([stitched.sender_prefix], x)[stitched.sender_prefix.key]
-            return sent, ms.core.prefix_outputs([stitched.receiver_prefix], x)[stitched.receiver_prefix.key]
+            reps = ms.core.prefix_outputs([sender, receiver], x)
+        return reps[sender.key], reps[receiver.key]
 
     for x, _ in DataLoader(tr, batch_size=256):
         provided, expected = provided_and_expected(x)
