@@ -1,8 +1,10 @@
 """A cost model of a stitching study: seconds from the receiver's depth after the cut, samples, epochs and cells.
 
 Every cell of a `Study` trains its stitch for ``S`` optimiser steps (``S = ceil(E * floor(N_train / B))``,
-``N_train`` the training samples left after the 15% held out) and is evaluated ``E + 1`` times on the held-out
-part and twice on the test set. A pair's cells share the frozen forwards: the sender runs once over the
+``N_train`` the training samples left after the 15% held out, at least ``train.MIN_HOLDOUT`` or a quarter;
+the model's studies pin version 0.2's default recipe, whose stitches all train the same epochs) and is
+evaluated on the held-out part before training, after each epoch (and half-way through one epoch or less),
+and twice on the test set. A pair's cells share the frozen forwards: the sender runs once over the
 training data to fill the activation cache, the receiver once (up to its deepest cut) for the least-squares
 targets, and each evaluation pass runs the sender once for all cells. On a CPU every pass of a cell (a step
 or an evaluation batch) costs a fixed overhead, and one per block it runs through, besides its floating-point
@@ -101,10 +103,11 @@ def features(
         n: training samples (before the held-out split); test: test samples.
         epochs, batch: the stitch recipe's.
     """
-    held = math.floor(n * HOLDOUT)
+    held = max(1, math.floor(n * HOLDOUT), min(ms.train.MIN_HOLDOUT, n // 4))  # as `train.holdout_split` does
     per_epoch = max(1, (n - held) // batch)
     steps = max(1, math.ceil(epochs * per_epoch))
-    evals = math.ceil(epochs) + 1  # held-out evaluations: the start and after each (partial) epoch
+    # held-out evaluations: the start, after each (partial) epoch, and half-way through a schedule of one epoch
+    evals = math.ceil(epochs) + 1 + int(epochs <= 1 and steps > 1)
     eval_batches = evals * math.ceil(held / EVAL_BATCH) + 2 * math.ceil(test / EVAL_BATCH)
     evaluated = evals * held + 2 * test
     passes = len(cells) * (steps + eval_batches)
@@ -137,7 +140,11 @@ def timed_study(
     nets = {name: zoo.random_control(arch, seed=k, width=width) for k, (name, arch) in enumerate(NETWORKS.items())}
     train, test = ms.data.subset(data[0], n), data[1]
     shutil.rmtree(out, ignore_errors=True)
-    recipe = ms.Recipe(lr=0.01, batch_size=batch, base_batch_size=batch, epochs=epochs)
+    # the recipe the model was fitted with (version 0.2's default): 15% held out, every stitch the same epochs
+    recipe = ms.Recipe(
+        lr=0.01, momentum=0.9, warmup=0.1, holdout=HOLDOUT, upsampled_epochs_factor=1, batch_size=batch,
+        base_batch_size=batch, epochs=epochs,
+    )  # fmt: skip
     start = time.perf_counter()
     ms.Study(
         nets, train_data=train, test_data=test, out=out, pairs=[("A", "B")], layers={"A": senders, "B": receivers},

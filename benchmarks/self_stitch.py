@@ -5,11 +5,13 @@ them), every cell of the self-pair R1111 -> R1111 (the diagonal has an exact sol
 R1111 -> R1211 is trained three ways:
 
 - ``paper``: the paper's recipe at the quick preset's old learning rate (``Recipe.paper(lr=0.05, batch 64)``):
-  random init, 4 epochs, the last epoch kept; what the quick preset ran before.
-- ``lstsq``: the least-squares fit alone, no training (the default run's ``init_accuracy``).
+  random init, 4 epochs, the last epoch kept; what the quick preset ran in version 0.1.
+- ``lstsq``: the least-squares fit alone, no training (the default run's ``init_accuracy``, which it asks
+  for with ``Study(score_start=True)``).
 - ``plain``: the quick preset's recipe with plain SGD steps (``precondition=False``).
-- ``default``: the quick preset's recipe now: least-squares init, SGD steps whitened by the stitch input's
-  second moments, the epoch with the best accuracy on 15% of the training data held out.
+- ``default``: the quick preset's recipe, the default ``Recipe()``: least-squares init, SGD steps whitened by
+  the stitch input's second moments, one epoch (two for a stitch that upsamples by 4 or more), the state with
+  the best accuracy on the training data held out.
 
 It prints a Markdown table (one row per cell) with summary rows, the seconds each setting took, and the
 training-loss curves of the self-stitch cells, and writes them to ``--json`` and a figure to ``--figure``.
@@ -80,6 +82,7 @@ def run(out: Path, seeds: list[int], layers: list[str] | None = None) -> dict[st
                 seed=seed,
                 device=cpu,
                 sanity=False,
+                score_start=name == "default",
                 layers=None if layers is None else dict.fromkeys(nets, layers),
             ).run(progress=False)
             result["seconds"][f"{name}/seed{seed}"] = time.perf_counter() - start

@@ -557,7 +557,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--patience",
         type=count,
-        help="stop each stitch once its held-out accuracy has not improved for N epochs (default: all epochs)",
+        help="stop each stitch once its held-out loss has not improved for N epochs (default: all epochs)",
     )
     run.add_argument(
         "--min-delta",
@@ -567,7 +567,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--paper-recipe",
         action="store_true",
-        help="the paper's exact stitch recipe: random init, last epoch kept (default: least squares, best epoch)",
+        help="the paper's exact stitch recipe: random init, 4 epochs, last state kept (default: least squares, one "
+        "epoch, the state of lowest held-out loss)",
     )
     run.add_argument(
         "--precision",

@@ -113,7 +113,7 @@ FAILS: list[tuple[str, Callable[[dict[str, nn.Module]], object], str]] = [
     (
         "dataset too small to hold any out",
         lambda n: ms.train_stitch(_stitch(n["a"], n["b"]), _digits(1), device="cpu", progress=False),
-        r"Recipe\(holdout=0.15\) leaves no training samples out of 1",
+        r"Recipe\(holdout=0.05\) leaves no training samples out of 1",
     ),
     (
         "a NaN training batch",

@@ -447,7 +447,7 @@ def test_a_bad_recipe_field_is_refused_by_name(name, call, message):
 def test_valid_recipe_numbers_are_kept_and_numpy_ones_become_python_ones():
     plain = ms.Recipe(lr=1, epochs=0.5, batch_size=128, grad_clip=2, patience=3, min_delta=0.01, seed=2**64 - 1)
     assert (plain.lr, plain.epochs, plain.grad_clip) == (1, 0.5, 2)
-    assert repr(plain).startswith("Recipe(lr=1, momentum=0.9, weight_decay=0.01, batch_size=128, epochs=0.5,")
+    assert repr(plain).startswith("Recipe(lr=1, momentum=0.5, weight_decay=0.01, batch_size=128, epochs=0.5,")
     numpy = ms.Recipe(
         lr=np.float64(0.02), batch_size=np.int64(128), epochs=np.int32(2), nesterov=np.bool_(True), amp=np.bool_(False)
     )

@@ -71,4 +71,4 @@ def test_a_study_trains_from_decoded_images_and_keeps_them_decoded():
     stitched = ms.stitch(net, "layer2.0", net, "layer2.0", example_input=images[0][0][None])
     result = ms.train_stitch(stitched, data.subset(images, 300), recipe=ms.Recipe(batch_size=32, epochs=1),
                              device="cpu", progress=False)  # fmt: skip
-    assert result.selected_epoch is not None and result.steps == 7  # 255 training images at batch 32
+    assert result.selected_epoch is not None and result.steps == 7  # 225 training images (75 held out) at batch 32

@@ -70,11 +70,15 @@ def test_a_failing_self_stitch_is_flagged_warned_and_outlined(digits_net, tmp_pa
     assert triangle_summary(study)["self_stitch_floor"]["A"] == pytest.approx(check["floor"])
 
 
-def test_paper_recipe_is_the_default_less_its_three_changes():
+def test_paper_recipe_is_the_papers_and_the_default_differs_from_it_only_in_the_measured_fields():
     paper = ms.Recipe.paper()
     assert (paper.init, paper.holdout, paper.lr, paper.batch_size, paper.epochs) == ("random", 0.0, 0.01, 256, 4)
-    assert (paper.momentum, paper.weight_decay, paper.warmup) == (0.9, 0.01, 0.1)
-    assert ms.Recipe().replace(init="random", precondition=False, holdout=0.0) == paper
+    assert (paper.momentum, paper.weight_decay, paper.warmup, paper.base_batch_size) == (0.9, 0.01, 0.1, 256)
+    assert (paper.upsampled_epochs_factor, paper.precondition, paper.optim) == (1.0, False, "sgd")
+    changed = ("lr", "momentum", "batch_size", "base_batch_size", "epochs", "warmup", "upsampled_epochs_factor")
+    changed += ("init", "precondition", "holdout")
+    assert ms.Recipe().replace(**{name: getattr(paper, name) for name in changed}) == paper
+    assert all(getattr(ms.Recipe(), name) != getattr(paper, name) for name in changed)
 
 
 def test_best_epoch_selection_never_ends_worse_on_the_held_out_data():
@@ -246,22 +250,35 @@ def test_patience_without_held_out_data_warns():
 
 
 @pytest.mark.slow
-def test_the_quick_presets_recipe_stops_a_settled_stitch_and_patience_4_trains_it_all_epochs(digits_net):
+def test_patience_stops_a_settled_stitch_and_patience_4_trains_it_all_epochs(digits_net):
     """A self-stitch starts at its exact least-squares solution, so no epoch raises its held-out accuracy by a
-    point: the quick preset's recipe stops it after one epoch, its held-out accuracy within a point of the full
-    run's; ``--patience 4`` (`PresetOptions(patience=4)`) trains it all 4 epochs, as the runs of docs/paper.md do."""
+    point: ``patience=1, min_delta=0.01`` stops it after one epoch, its held-out accuracy within a point of the
+    full run's; ``--patience 4`` (`PresetOptions(patience=4)`) on a 4-epoch recipe trains it all 4 epochs."""
     from modelstitch.study import PRESETS, PresetOptions
     from modelstitch.study._presets import _stitch_recipe
 
-    quick = PRESETS["quick"].recipe
-    full = _stitch_recipe(PresetOptions(patience=4), quick)
-    assert (quick.epochs, quick.patience, quick.min_delta, full.patience, full.min_delta) == (4, 1, 0.01, 4, 0.01)
+    quick = PRESETS["quick"]
+    settled = quick.recipe.replace(epochs=4, patience=1, min_delta=0.01)
+    full = _stitch_recipe(PresetOptions(epochs=4, patience=4, min_delta=0.01), quick)
+    assert (full.epochs, full.patience, full.min_delta, full.lr) == (4, 4, 0.01, quick.recipe.lr)
 
     def run(recipe):
         stitched = ms.stitch(digits_net, "layer2.0", digits_net, "layer2.0", example_input=torch.randn(2, 3, 32, 32))
         return ms.train_stitch(stitched, data.digits(), recipe=recipe, device="cpu", progress=False)
 
-    early, every = run(quick), run(full)
+    early, every = run(settled), run(full)
     assert len(every.epoch_losses) == 4 and every.steps % 4 == 0
     assert len(early.epoch_losses) == 1 and early.steps == every.steps // 4
     assert early.holdout_accuracy >= every.holdout_accuracy - 0.01  # the epochs it skipped added under a point
+
+
+def test_paper_recipe_option_keeps_the_presets_paper_recipe():
+    """``--paper-recipe`` is the paper's recipe at the preset's learning rate and batch (not the default's)."""
+    from modelstitch.study import PRESETS, PresetOptions
+    from modelstitch.study._presets import _stitch_recipe
+
+    quick = _stitch_recipe(PresetOptions(paper_recipe=True, seed=3), PRESETS["quick"])
+    assert quick == ms.Recipe.paper(lr=0.01, batch_size=64, base_batch_size=64, seed=3)
+    lm = _stitch_recipe(PresetOptions(paper_recipe=True), PRESETS["lm-quick"])
+    assert (lm.lr, lm.batch_size, lm.epochs, lm.init, lm.holdout, lm.momentum) == (0.01, 32, 1, "random", 0.0, 0.9)
+    assert _stitch_recipe(PresetOptions(paper_recipe=True), PRESETS["paper"]) == ms.Recipe.paper()

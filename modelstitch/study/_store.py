@@ -78,7 +78,7 @@ _TYPES = {
     "loss": "REAL",
     "train_loss": "REAL",
     "init_accuracy": "REAL",
-    "selected_epoch": "INTEGER",
+    "selected_epoch": "REAL",
     "holdout_accuracy": "REAL",
     "seconds": "REAL",
     "seed": "INTEGER",

@@ -109,7 +109,8 @@ class Study:
             `zoo.layer_names` of each network (small ResNets, torchvision ResNets).
         controls: ``{network: its random-weight control}``; for each pair
             ``(a, b)`` the pair ``(controls[a], controls[b])`` is studied too.
-        recipe: how each stitch trains (`Recipe`; the paper's by default).
+        recipe: how each stitch trains (`Recipe`; ``Recipe()`` by default,
+            ``Recipe.paper()`` is the paper's).
         objective: ``"task"`` or ``"mse"`` (see `train_stitch`).
         kind: stitch kind (see `make_stitch`).
         init: ``"random"``, ``"identity"`` or ``"lstsq"``; ``None`` (default)
@@ -144,6 +145,10 @@ class Study:
             recovered against zero and mean ablation, KL, agreement and FVU;
             three passes). ``"auto"`` (default): ``"all"`` when a receiver is
             a causal language model, else ``"accuracy"``.
+        score_start: also evaluate each cell's least-squares start on the test
+            data before training (the ``init_accuracy`` column; empty
+            otherwise). Off by default: with the one-epoch default recipe it
+            is about a seventh of a study's time (docs/performance.md).
 
     Examples:
         >>> from modelstitch import zoo, data
@@ -185,6 +190,7 @@ class Study:
         measure_rule: str | None = None,
         sanity: bool = True,
         scores: str = "auto",
+        score_start: bool = False,
     ) -> None:
         if not isinstance(models, Mapping) or not models:
             raise StitchError("a Study needs at least one network in models={name: module}")
@@ -198,6 +204,7 @@ class Study:
             ("cache", cache, BOOLEAN),
             ("share_suffix", share_suffix, BOOLEAN),
             ("sanity", sanity, BOOLEAN),
+            ("score_start", score_start, BOOLEAN),
             ("memory_budget", memory_budget, integer(0)),
             ("eval_batch_size", eval_batch_size, integer(1)),
             ("scores", scores, choice(("auto", "accuracy", "all"))),
@@ -233,6 +240,7 @@ class Study:
         self.eval_batch_size = eval_batch_size
         self.share_suffix = share_suffix
         self.cache_dtype = cache_dtype
+        self.score_start = score_start
         self._fingerprints: dict[str, Any] | None = None
         self._on_step: _CellProgress | None = None
         self.measures = tuple(dict.fromkeys(measures))
@@ -645,7 +653,7 @@ class Study:
             fit_least_squares_all(
                 stitched, train, batch_size=self.eval_batch_size, device=self.device, positions=self.recipe.positions
             )
-            init_results = self._evaluate(stitched)
+            init_results = self._evaluate(stitched) if self.score_start else None
         results = train_stitches(
             stitched,
             train,

@@ -12,19 +12,21 @@ from ._evaluate import evaluate, evaluate_stitches, stitching_penalty
 from ._loop import StepLosses, optimise, total_steps
 from ._plan import OBJECTIVES, LossFn, Plan, kl_to
 from ._precondition import Preconditioner
-from ._recipe import Recipe
+from ._recipe import UPSAMPLED, Recipe
 from ._scores import SCORES, score_stitches
-from ._select import RISING, BestEpoch, holdout_split
+from ._select import MIN_HOLDOUT, RISING, BestEpoch, holdout_split
 from ._task import IGNORE_INDEX, Task, cross_entropy, logits_of, task_of
 from ._train import MIN_STEPS, MIN_WHITENED_STEPS, Objective, TrainResult, train_stitch, train_stitches
 
 __all__ = [
     "IGNORE_INDEX",
+    "MIN_HOLDOUT",
     "MIN_STEPS",
     "MIN_WHITENED_STEPS",
     "OBJECTIVES",
     "RISING",
     "SCORES",
+    "UPSAMPLED",
     "ActivationCache",
     "BestEpoch",
     "LossFn",

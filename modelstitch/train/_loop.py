@@ -29,16 +29,19 @@ def optimise(
     *,
     recipe: Recipe,
     device: torch.device,
-    total_steps: int,
+    total_steps: int | Sequence[int],
     steps_per_epoch: int,
     progress: bool = False,
     describe: Callable[[int], str] = lambda i: f"model {i}",
-    on_epoch: Callable[[int], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     active: Sequence[bool] | None = None,
     before_step: Callable[[], None] | None = None,
 ) -> list[list[float]]:
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
+
+    Each set may have a schedule of its own length (``total_steps`` a
+    sequence): its warmup and decay span its own steps, and it stops
+    training once they are taken.
 
     Every set gets ``recipe.optimizer`` and ``recipe.scheduler``; with
     float16 autocast (``recipe.amp_dtype``) a gradient scaler;
@@ -50,19 +53,19 @@ def optimise(
         step_losses: draws one batch and yields its losses (see `StepLosses`).
         recipe: optimiser, schedule and numerics.
         device: where the losses live.
-        total_steps: optimiser steps to take.
-        steps_per_epoch: steps whose losses are averaged into one epoch loss.
+        total_steps: optimiser steps to take: one number for every set, or
+            one per set.
+        steps_per_epoch: steps whose losses are averaged into one epoch loss
+            (a set's last, shorter epoch is averaged over its own steps).
         progress: show a tqdm bar.
         describe: names parameter set ``i`` in error messages.
-        on_epoch: called with the epoch number (1, 2, ...) after each epoch,
-            the last (maybe partial) one included; e.g. to evaluate and keep
-            the best state.
         active: which parameter sets still train, read before each step (the
-            caller may change it, e.g. in ``on_epoch``); the others are
-            neither stepped nor given more epoch losses, and the loop ends
-            early once none is left (``None``: all train).
-        on_step: called with ``(steps done, total_steps)`` after every step,
-            e.g. to move an outer progress bar.
+            caller may change it, e.g. in ``on_step``); the
+            others are neither stepped nor given more epoch losses, and the
+            loop ends early once none is left (``None``: all train). A set
+            whose steps are all taken is set to ``False`` here.
+        on_step: called with ``(steps done, the longest schedule's steps)``
+            after every step, e.g. to move an outer progress bar.
         before_step: called once the step's gradients are all in, before
             clipping and the optimiser steps (e.g. a `Preconditioner`).
 
@@ -75,16 +78,25 @@ def optimise(
     """
     use_amp = recipe.uses_amp(device)
     optimizers = [recipe.optimizer(params) for params in parameter_sets]
-    schedulers = [recipe.scheduler(opt, total_steps) for opt in optimizers]
+    totals = [total_steps] * len(optimizers) if isinstance(total_steps, int) else list(total_steps)
+    longest = max(totals)
+    schedulers = [recipe.scheduler(opt, total) for opt, total in zip(optimizers, totals)]
     clipped = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and recipe.amp_dtype == "float16")
     epoch_losses: list[list[float]] = [[] for _ in optimizers]
     sums = torch.zeros(len(optimizers), dtype=torch.float64)
-    count = epoch = 0
-    # `active` is changed in place (by on_epoch, after the epoch's losses are recorded), so it is read, not copied
+    counts = [0] * len(optimizers)  # steps in each set's current epoch
+    # `active` is changed in place (by on_step, after the step's losses are recorded), so it is read, not copied
     training = active if active is not None else [True] * len(optimizers)
-    with tqdm(total=total_steps, desc="train", unit="step", disable=not progress, leave=False) as bar:
-        for step in range(total_steps):
+    with tqdm(total=longest, desc="train", unit="step", disable=not progress, leave=False) as bar:
+        for step in range(longest):
+            for i, total in enumerate(totals):
+                if step >= total:
+                    training[i] = False
+            for i, trains in enumerate(training):  # a set stopped mid-epoch: its last epoch's mean is kept
+                if not trains and counts[i]:
+                    epoch_losses[i].append(float(sums[i]) / counts[i])
+                    counts[i] = 0
             if not any(training):
                 break
             for opt in optimizers:
@@ -98,12 +110,12 @@ def optimise(
             if not torch.isfinite(values).all():
                 bad = int((~torch.isfinite(values)).nonzero()[0])
                 raise StitchError(
-                    f"the loss became {values[bad].item()} at step {step + 1} of {total_steps} for "
+                    f"the loss became {values[bad].item()} at step {step + 1} of {totals[bad]} for "
                     f"{describe(bad)}; lower the learning rate, set Recipe(grad_clip=...), or check the data"
                 )
             if before_step is not None:
                 before_step()
-            for params, opt, scheduler, trains in zip(clipped, optimizers, schedulers, training):
+            for i, (params, opt, scheduler, trains) in enumerate(zip(clipped, optimizers, schedulers, training)):
                 if not trains:
                     continue
                 if recipe.grad_clip is not None:
@@ -111,21 +123,15 @@ def optimise(
                     nn.utils.clip_grad_norm_(params, recipe.grad_clip)
                 scaler.step(opt)
                 scheduler.step()
+                sums[i] += values[i]
+                counts[i] += 1
+                if counts[i] == steps_per_epoch or step == totals[i] - 1:
+                    epoch_losses[i].append(float(sums[i]) / counts[i])
+                    sums[i] = counts[i] = 0
             scaler.update()
-            sums += values
-            count += 1
-            if count == steps_per_epoch or step == total_steps - 1:
-                for i, value in enumerate((sums / count).tolist()):
-                    if training[i]:
-                        epoch_losses[i].append(value)
-                sums.zero_()
-                count = 0
-                epoch += 1
-                if on_epoch is not None:
-                    on_epoch(epoch)
             bar.update(1)
             if on_step is not None:
-                on_step(step + 1, total_steps)
+                on_step(step + 1, longest)
             if len(optimizers) == 1:
                 bar.set_postfix(loss=f"{values[0].item():.4f}", refresh=False)
     return epoch_losses

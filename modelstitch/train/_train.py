@@ -46,13 +46,14 @@ Objective = Literal["task", "mse", "kl"]
 MIN_STEPS = 75
 """Fewer plain optimiser steps than this draw a `StitchWarning` (measured: see docs/trust.md, "How many steps")."""
 
-MIN_WHITENED_STEPS = 38
+MIN_WHITENED_STEPS = 18
 """The same for a call whose stitches all take whitened steps (`Recipe.precondition` after a least-squares start)."""
 
 # What the trust page's steps sweep measured (mean accuracy of R1111 -> R1211 per doubling of the steps);
-# each floor is the step count from which one more doubling added less than 2 points.
+# each floor is the step count from which one more doubling added less than 2 points. The whitened floor is
+# the default recipe's (version 0.3), the plain one version 0.2's (momentum 0.9 at learning rate 0.01).
 _STEP_FLOORS = {
-    True: (MIN_WHITENED_STEPS, "whitened", "3.1 to 6.5 points with each doubling up to 38 steps, 1.6 from 38 to 76"),
+    True: (MIN_WHITENED_STEPS, "whitened", "3.0 to 5.2 points with each doubling up to 18 steps, 0.9 from 18 to 36"),
     False: (MIN_STEPS, "plain", "2.4 to 5.1 points with each doubling up to 76 steps, 1.5 from 76 to 152"),
 }
 
@@ -63,16 +64,19 @@ class TrainResult:
 
     Attributes:
         epoch_losses: mean training loss of each epoch.
-        steps: optimiser steps taken.
+        steps: optimiser steps taken (more for a stitch that upsamples a lot,
+            see `Recipe.upsampled_epochs_factor`; fewer when
+            `Recipe.patience` stopped it).
         seconds: wall-clock time of the whole call (shared by models trained together).
         objective: ``"task"``, ``"mse"`` or ``"kl"``.
-        selected_epoch: the epoch whose state was kept (0: the state before
-            training), or ``None`` without held-out selection (the last).
+        selected_epoch: the epochs trained (to 2 decimals) when the kept
+            state was checked (0: the state before training), or ``None``
+            without held-out selection (the last state is kept).
         holdout_accuracy: the kept state's accuracy on the held-out data, or ``None``.
         convergence: with held-out selection, ``"start"`` when the kept state
             is the start (training never beat it on the held-out data),
-            ``"rising"`` when its held-out accuracy at the last epoch beat every
-            earlier epoch and the start by at least a point (`train.RISING`:
+            ``"rising"`` when its held-out accuracy at its last check beat every
+            earlier check and the start by at least a point (`train.RISING`:
             the stitch may be under-trained, more epochs may help) and
             ``"settled"`` otherwise; ``None`` without held-out data.
     """
@@ -81,7 +85,7 @@ class TrainResult:
     steps: int
     seconds: float
     objective: str
-    selected_epoch: int | None = None
+    selected_epoch: float | None = None
     holdout_accuracy: float | None = None
     convergence: str | None = None
 
@@ -121,7 +125,7 @@ def train_stitch(
             position), so the stitch reproduces what the receiver itself
             predicts. ``"mse"`` and ``"kl"`` use no labels.
         recipe: optimiser, schedule, batch size, epochs and seed;
-            ``Recipe()`` (the paper's) by default. A DataLoader's own batch size
+            ``Recipe()`` by default (`Recipe.paper` is the paper's). A DataLoader's own batch size
             replaces ``recipe.batch_size`` (and scales the learning rate).
         **options: ``loss_fn``, ``batch_fn``, ``device``, ``progress``,
             ``cache``, ``memory_budget``, as for `train_stitches`.
@@ -288,11 +292,23 @@ def train_stitches(
                 StitchWarning,
                 stacklevel=3,
             )
-        active = select.active if select is not None else None
+        active = select.active if select is not None else [True] * len(models)
+        # each stitch's own schedule (longer for one that upsamples a lot), and the steps at which it is checked
+        totals = [total_steps(recipe.epochs_for(m.stitch), steps_per_epoch) for m in models]
+        checks = [_check_steps(t, steps_per_epoch) for t in totals]
+        taken = list(totals)  # steps each stitch took (fewer when recipe.patience stops it)
 
         def step_losses() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
             reps, x, y = next(batches)
             return plan.group_losses(reps, x, y, recipe.autocast(dev), active)
+
+        def after_step(done: int, longest: int) -> None:
+            due = [i for i, steps in enumerate(checks) if done in steps and active[i]]
+            if select is not None and due:
+                select(round(done / steps_per_epoch, 2), due)
+                taken[:] = [done if i in due and not active[i] else t for i, t in enumerate(taken)]
+            if on_step is not None:
+                on_step(done, longest)
 
         for s in stitches:
             s.train()
@@ -301,12 +317,11 @@ def train_stitches(
             step_losses,
             recipe=recipe,
             device=dev,
-            total_steps=total,
+            total_steps=totals,
             steps_per_epoch=steps_per_epoch,
             progress=progress,
             describe=lambda i: f"the cell {models[i].cell}",
-            on_epoch=select,
-            on_step=on_step,
+            on_step=after_step,
             active=active,
             before_step=precondition or None,  # an empty one (no stitch has moments) is not called each step
         )
@@ -314,19 +329,26 @@ def train_stitches(
             select.restore()
     seconds = time.perf_counter() - start
     if select is None:
-        return [TrainResult(epoch_losses, total, seconds, objective) for epoch_losses in losses]
-    return [  # a stitch stopped by recipe.patience has fewer epochs, so took fewer steps
-        TrainResult(
-            epoch_losses,
-            min(total, len(epoch_losses) * steps_per_epoch),
-            seconds,
-            objective,
-            epoch,
-            accuracy,
-            select.convergence(i),
-        )
-        for i, (epoch_losses, epoch, (accuracy, _)) in enumerate(zip(losses, select.epochs, select.best))
+        return [TrainResult(epoch_losses, t, seconds, objective) for epoch_losses, t in zip(losses, totals)]
+    return [
+        TrainResult(epoch_losses, t, seconds, objective, epoch, accuracy, select.convergence(i))
+        for i, (epoch_losses, t, epoch, (accuracy, _)) in enumerate(zip(losses, taken, select.epochs, select.best))
     ]
+
+
+def _check_steps(total: int, steps_per_epoch: int) -> set[int]:
+    """The steps after which a stitch's held-out score is checked: each epoch's end and the schedule's end,
+    and half-way through a schedule of one epoch or less (so that "still rising" can be told apart from
+    "rose from its start").
+
+    Examples:
+        >>> sorted(_check_steps(59, 59)), sorted(_check_steps(118, 59)), sorted(_check_steps(150, 59))
+        ([30, 59], [59, 118], [59, 118, 150])
+    """
+    steps = {*range(steps_per_epoch, total, steps_per_epoch), total}
+    if len(steps) == 1 and total > 1:
+        steps.add(math.ceil(total / 2))
+    return steps
 
 
 @contextlib.contextmanager
@@ -365,7 +387,9 @@ def start_stitches(
         warnings.warn(
             f"Recipe(init={recipe.init!r}) starts linear stitches only; {len(others)} stitch(es) of kind "
             f"{sorted({m.stitch.kind for m in others})} start at random, which can leave a stitch that exists "
-            "unfound (see docs/trust.md); pass stitch(..., init='random') to say that this is meant",
+            "unfound (see docs/trust.md), and take plain steps, for which a rate made for whitened ones (the "
+            "default's) is far too high; pass stitch(..., init='random') to say that this is meant, with a lower "
+            "Recipe(lr=...) or Recipe.paper()",
             StitchWarning,
             stacklevel=4,
         )
