@@ -171,7 +171,8 @@ def _report(study: Any, seconds: float) -> int:
     if flagged:
         print(
             f"{sum(flagged.values())} cells may be under-trained ({flagged['start']} kept their start, "
-            f"{flagged['rising']} still rising at their last epoch; column convergence, dashed orange on the heatmaps)"
+            f"{flagged['rising']} still rising at their last held-out check; column convergence, dashed orange "
+            "on the heatmaps)"
         )
     failures = study.failures()
     for f in failures:

@@ -812,3 +812,26 @@ def test_the_kept_state_is_the_one_of_lowest_held_out_loss(trained, digits):
     assert again["loss"] == pytest.approx(losses[best], rel=1e-5) and again["accuracy"] == accuracies[best]
     # the two rules disagree here: the most accurate state is not the one of lowest loss
     assert max(range(len(accuracies)), key=accuracies.__getitem__) != best
+
+
+def test_rising_needs_a_rise_beyond_the_held_out_samples_noise(trained, digits):
+    """`BestEpoch.convergence`: a last check 1.6 points above the best earlier one is `"rising"` only when the
+    predictions it gained outnumber those it lost by `RISING_Z` standard deviations of a paired sign test."""
+    tr, _ = digits
+    model, _ = trained
+    stitched = _fresh_stitch(model, "layer2.0", model, "layer2.0")
+    select = ms.train.BestEpoch([stitched], tr, recipe=ms.Recipe(), device=CPU, batch_size=256)
+    n = 256
+    start = torch.zeros(n, dtype=torch.bool)
+    start[:128] = True  # 0.5
+    steady = start.clone()
+    steady[128:132] = True  # +4 right, nothing lost: 0.516, 4 >= 2 * sqrt(4)
+    churned = start.clone()
+    churned[128:164] = True
+    churned[:32] = False  # +36 right, -32 wrong: the same 0.516, 4 < 2 * sqrt(68)
+    for last, expected in [(steady, "rising"), (churned, "settled")]:
+        select.history[0] = [0.5, float(last.float().mean())]
+        select.correct[0] = [start, last]
+        select.epochs[0] = 1
+        assert select.convergence(0) == expected
+    assert float(steady.float().mean()) - 0.5 >= ms.train.RISING

@@ -14,7 +14,7 @@ from ._plan import OBJECTIVES, LossFn, Plan, kl_to
 from ._precondition import Preconditioner
 from ._recipe import UPSAMPLED, Recipe
 from ._scores import SCORES, score_stitches
-from ._select import MIN_HOLDOUT, RISING, BestEpoch, holdout_split
+from ._select import MIN_HOLDOUT, RISING, RISING_Z, BestEpoch, holdout_split
 from ._task import IGNORE_INDEX, Task, cross_entropy, logits_of, task_of
 from ._train import MIN_STEPS, MIN_WHITENED_STEPS, Objective, TrainResult, train_stitch, train_stitches
 
@@ -25,6 +25,7 @@ __all__ = [
     "MIN_WHITENED_STEPS",
     "OBJECTIVES",
     "RISING",
+    "RISING_Z",
     "SCORES",
     "UPSAMPLED",
     "ActivationCache",

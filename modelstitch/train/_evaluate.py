@@ -34,7 +34,8 @@ def evaluate_stitches(
     num_workers: int = 0,
     recipe: Recipe | None = None,
     what: str = "the evaluation data",
-) -> list[dict[str, float]]:
+    per_sample: bool = False,
+) -> list[dict[str, Any]]:
     """Accuracy and mean loss of several classifiers over one pass of ``data``.
 
     Stitched models that share a sender run it once per batch for all their
@@ -52,6 +53,9 @@ def evaluate_stitches(
         One ``{"accuracy": float in [0, 1], "loss": float}`` per model;
         accuracy is NaN only for a model whose output has no class
         dimension (not a tensor, or ``[B]``: a custom ``loss_fn`` scores it).
+        With ``per_sample=True`` each also holds ``"correct"``: a bool
+        tensor ``[scored]``, whether each scored prediction was right, in
+        the data's order (`Task.correct`), for paired comparisons.
 
     Raises:
         StitchError: NaN or infinite data (naming ``what`` and the sample), a
@@ -71,6 +75,7 @@ def evaluate_stitches(
     counted = torch.zeros(len(models), dtype=torch.float64)
     loss_sum = torch.zeros(len(models), dtype=torch.float64)
     weights = torch.zeros(len(models), dtype=torch.float64)
+    samples: list[list[torch.Tensor]] = [[] for _ in models]
     seen = 0
     with contextlib.ExitStack() as stack:
         for m in stitched:
@@ -102,9 +107,12 @@ def evaluate_stitches(
                     outputs[id(m)] = call_model(m, x)
                 for i, m in enumerate(models):
                     out = outputs[id(m)]
-                    right, scored = tasks[i].hits(out, y)
+                    hits = tasks[i].correct(out, y)
+                    right, scored = int(hits.sum()), hits.numel()
                     correct[i] += right
                     counted[i] += scored
+                    if per_sample:
+                        samples[i].append(hits.cpu())
                     if _has_classes(out) and not scored:
                         continue  # every label of the batch is -100: nothing to score
                     loss = float(loss_fns[i](out, y))
@@ -123,10 +131,14 @@ def evaluate_stitches(
                 stitch_module.train(mode)
     if seen == 0:
         raise StitchError(f"{what} is empty")
-    return [
+    results: list[dict[str, Any]] = [
         {"accuracy": float(c / n) if n else math.nan, "loss": float(s / w) if w else math.nan}
         for c, n, s, w in zip(correct, counted, loss_sum, weights)
     ]
+    if per_sample:
+        for result, hits in zip(results, samples):
+            result["correct"] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    return results
 
 
 def _has_classes(output: Any) -> bool:

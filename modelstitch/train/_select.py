@@ -15,7 +15,7 @@ from ..stitches import StitchedModel
 from ._evaluate import evaluate_stitches
 from ._recipe import Recipe
 
-__all__ = ["MIN_HOLDOUT", "RISING", "BestEpoch", "holdout_split", "splittable"]
+__all__ = ["MIN_HOLDOUT", "RISING", "RISING_Z", "BestEpoch", "holdout_split", "splittable"]
 
 MIN_HOLDOUT = 256
 """`holdout_split` holds out at least this many samples (up to a quarter of the data): choosing among a
@@ -23,8 +23,15 @@ stitch's states on a few dozen samples picks noise (a self-stitch of a random GP
 held out, lost 2.3 points of test accuracy to a state that won on them)."""
 
 #: A stitch whose held-out accuracy at its last check beat every earlier check (and its start) by at least this
-#: much is flagged ``"rising"``: possibly under-trained. A smaller rise, or a lower loss alone, is noise here.
+#: much, and by more than the held-out sample's noise (`RISING_Z`), is flagged ``"rising"``: possibly
+#: under-trained. A smaller rise, or a lower loss alone, is noise here.
 RISING = 0.01
+
+#: The rise must also pass a paired sign test against the best earlier check: with ``n10`` held-out
+#: predictions right at the last check and wrong at that one, and ``n01`` the reverse, ``n10 - n01`` must be at
+#: least this many standard deviations ``sqrt(n10 + n01)``. On 256 held-out images a point is 2.6 images, well
+#: within what two states that differ in a few dozen predictions move by chance.
+RISING_Z = 2.0
 
 
 def holdout_split(data: Any, fraction: float, *, seed: int) -> tuple[Any, Dataset | None]:
@@ -122,6 +129,7 @@ class BestEpoch:
         self.counted: list[tuple[float, float]] = [(-math.inf, 0)] * len(self.models)  # the last counted improvement
         self.history: list[list[float]] = [[] for _ in self.models]  # held-out accuracy at each evaluation
         self.loss_history: list[list[float]] = [[] for _ in self.models]  # and held-out loss
+        self.correct: list[list[torch.Tensor]] = [[] for _ in self.models]  # and which predictions were right
 
     def __call__(self, epoch: float, indices: Sequence[int] | None = None) -> None:
         """Evaluate the active stitches (of ``indices``: all by default) on the held-out data after ``epoch``
@@ -134,12 +142,14 @@ class BestEpoch:
             batch_size=self.batch_size,
             recipe=self.recipe,
             what="the held-out part of the training data",
+            per_sample=True,
             **self.options,
         )
         patience, delta = self.recipe.patience, self.recipe.min_delta
         for i, result in zip(indices, results):
             self.history[i].append(result["accuracy"])
             self.loss_history[i].append(result["loss"])
+            self.correct[i].append(result["correct"])
             score = (result["accuracy"], result["loss"])
             improved = (-score[1], score[0]) > (-self.best[i][1], self.best[i][0])
             if improved:
@@ -152,12 +162,17 @@ class BestEpoch:
 
     def convergence(self, i: int) -> str:
         """How stitch ``i``'s training ended: ``"start"`` (the kept state is the one before training),
-        ``"rising"`` (its held-out accuracy at its last check beat every earlier one by at least `RISING`:
-        more epochs may raise it further) or ``"settled"`` (it did not)."""
+        ``"rising"`` (its held-out accuracy at its last check beat every earlier one by at least `RISING`, and
+        the best earlier one by more than chance, `RISING_Z`: more epochs may raise it further) or
+        ``"settled"`` (it did not)."""
         if self.epochs[i] == 0:
             return "start"
         *before, last = self.history[i]
-        return "rising" if before and last >= max(before) + RISING else "settled"
+        if not before or last < max(before) + RISING:
+            return "settled"
+        now, then = self.correct[i][-1], self.correct[i][before.index(max(before))]
+        gained, lost = int((now & ~then).sum()), int((then & ~now).sum())
+        return "rising" if gained - lost >= RISING_Z * math.sqrt(gained + lost) else "settled"
 
     def restore(self) -> None:
         """Load each stitch's best state back."""

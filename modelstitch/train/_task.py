@@ -106,17 +106,23 @@ class Task:
 
         A non-tensor output without logits, or one without a class dimension, scores nothing.
         """
+        correct = self.correct(output, labels)
+        return int(correct.sum()), int(correct.numel())
+
+    def correct(self, output: Any, labels: torch.Tensor) -> torch.Tensor:
+        """Whether each scored prediction of one batch is right: a flat bool tensor, one entry per sample (per
+        scored position for token outputs), in order; empty where `hits` scores nothing."""
         try:
             logits = logits_of(output)
         except StitchError:
-            return 0, 0
+            return torch.zeros(0, dtype=torch.bool)
         if logits.dim() < 2:
-            return 0, 0
+            return torch.zeros(0, dtype=torch.bool)
         logits, labels = self.aligned(output, labels)
         if labels.is_floating_point():
-            return int((logits.argmax(-1) == labels.argmax(-1)).sum()), int(labels.shape[:-1].numel())
+            return (logits.argmax(-1) == labels.argmax(-1)).reshape(-1)
         scored = labels != IGNORE_INDEX
-        return int(((logits.argmax(-1) == labels) & scored).sum()), int(scored.sum())
+        return (logits.argmax(-1) == labels)[scored]
 
     def labels_for(self, inputs: Any, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The labels to score: the data's (or, for a causal model without them, its input ids), padding left out.
