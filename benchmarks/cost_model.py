@@ -103,7 +103,7 @@ def features(
         n: training samples (before the held-out split); test: test samples.
         epochs, batch: the stitch recipe's.
     """
-    held = max(1, math.floor(n * HOLDOUT), min(ms.train.MIN_HOLDOUT, n // 4))  # as `train.holdout_split` does
+    held = ms.train.holdout_size(n, HOLDOUT)
     per_epoch = max(1, (n - held) // batch)
     steps = max(1, math.ceil(epochs * per_epoch))
     # held-out evaluations: the start, after each (partial) epoch, and half-way through a schedule of one epoch

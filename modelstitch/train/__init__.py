@@ -14,7 +14,7 @@ from ._plan import OBJECTIVES, LossFn, Plan, kl_to
 from ._precondition import Preconditioner
 from ._recipe import UPSAMPLED, Recipe
 from ._scores import SCORES, score_stitches
-from ._select import MIN_HOLDOUT, RISING, RISING_Z, BestEpoch, holdout_split
+from ._select import MIN_HOLDOUT, RISING, RISING_Z, BestEpoch, holdout_size, holdout_split
 from ._task import IGNORE_INDEX, Task, cross_entropy, logits_of, task_of
 from ._train import MIN_STEPS, MIN_WHITENED_STEPS, Objective, TrainResult, train_stitch, train_stitches
 
@@ -42,6 +42,7 @@ __all__ = [
     "evaluate",
     "evaluate_stitches",
     "fit_least_squares_all",
+    "holdout_size",
     "holdout_split",
     "kl_to",
     "logits_of",

@@ -84,8 +84,8 @@ def optimise(
     clipped = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and recipe.amp_dtype == "float16")
     epoch_losses: list[list[float]] = [[] for _ in optimizers]
-    sums = torch.zeros(len(optimizers), dtype=torch.float64)
-    counts = [0] * len(optimizers)  # steps in each set's current epoch
+    sums = [0.0] * len(optimizers)  # each set's summed loss and steps in its current epoch
+    counts = [0] * len(optimizers)
     # `active` is changed in place (by on_step, after the step's losses are recorded), so it is read, not copied
     training = active if active is not None else [True] * len(optimizers)
     with tqdm(total=longest, desc="train", unit="step", disable=not progress, leave=False) as bar:
@@ -93,9 +93,8 @@ def optimise(
             for i, total in enumerate(totals):
                 if step >= total:
                     training[i] = False
-            for i, trains in enumerate(training):  # a set stopped mid-epoch: its last epoch's mean is kept
-                if not trains and counts[i]:
-                    epoch_losses[i].append(float(sums[i]) / counts[i])
+                if not training[i] and counts[i]:  # a set stopped mid-epoch: its last epoch's mean is kept
+                    epoch_losses[i].append(sums[i] / counts[i])
                     counts[i] = 0
             if not any(training):
                 break
@@ -115,6 +114,7 @@ def optimise(
                 )
             if before_step is not None:
                 before_step()
+            step_values = values.tolist()
             for i, (params, opt, scheduler, trains) in enumerate(zip(clipped, optimizers, schedulers, training)):
                 if not trains:
                     continue
@@ -123,11 +123,11 @@ def optimise(
                     nn.utils.clip_grad_norm_(params, recipe.grad_clip)
                 scaler.step(opt)
                 scheduler.step()
-                sums[i] += values[i]
+                sums[i] += step_values[i]
                 counts[i] += 1
                 if counts[i] == steps_per_epoch or step == totals[i] - 1:
-                    epoch_losses[i].append(float(sums[i]) / counts[i])
-                    sums[i] = counts[i] = 0
+                    epoch_losses[i].append(sums[i] / counts[i])
+                    sums[i], counts[i] = 0.0, 0
             scaler.update()
             bar.update(1)
             if on_step is not None:

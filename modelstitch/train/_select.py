@@ -15,7 +15,7 @@ from ..stitches import StitchedModel
 from ._evaluate import evaluate_stitches
 from ._recipe import Recipe
 
-__all__ = ["MIN_HOLDOUT", "RISING", "RISING_Z", "BestEpoch", "holdout_split", "splittable"]
+__all__ = ["MIN_HOLDOUT", "RISING", "RISING_Z", "BestEpoch", "holdout_size", "holdout_split", "splittable"]
 
 MIN_HOLDOUT = 256
 """`holdout_split` holds out at least this many samples (up to a quarter of the data): choosing among a
@@ -70,7 +70,7 @@ def holdout_split(data: Any, fraction: float, *, seed: int) -> tuple[Any, Datase
     n = len(data)
     if n == 0:
         raise StitchError("the training data is empty")
-    held = max(1, math.floor(n * fraction), min(MIN_HOLDOUT, n // 4))
+    held = holdout_size(n, fraction)
     if n - held < 1:
         raise StitchError(f"Recipe(holdout={fraction}) leaves no training samples out of {n}; use a lower holdout")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
@@ -78,6 +78,17 @@ def holdout_split(data: Any, fraction: float, *, seed: int) -> tuple[Any, Datase
     if callable(getattr(data, "subset", None)):  # keeps a TensorImages' fast batches
         return data.subset(train), data.subset(rest)
     return Subset(data, train), Subset(data, rest)
+
+
+def holdout_size(n: int, fraction: float) -> int:
+    """How many of ``n`` samples `holdout_split` holds out for a ``fraction`` > 0: at least one, ``fraction``
+    of them, and at least `MIN_HOLDOUT` (or a quarter of ``n`` where that is fewer).
+
+    Examples:
+        >>> holdout_size(20, 0.15), holdout_size(1437, 0.05), holdout_size(50_000, 0.05)
+        (5, 256, 2500)
+    """
+    return max(1, math.floor(n * fraction), min(MIN_HOLDOUT, n // 4))
 
 
 def splittable(data: Any) -> bool:
