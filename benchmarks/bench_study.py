@@ -9,15 +9,17 @@ given with ``--candidate`` (fields of the preset's recipe to change, e.g. ``opti
 candidate *matches* when every cell is at most 1 point below (a) and the mean at most 0.5 below; the report
 names the fastest match and its time as a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other
 seeds: how far (a) is from itself (its worst cell and mean against seed 0's, and whether it "matches" by the
-same rule) tells how much of a candidate's gap is the seed. Peak resident memory (and, on CUDA, peak allocated
-memory) is recorded per setting.
+same rule) tells how much of a candidate's gap is the seed. ``--former-default`` also runs version 0.2's default
+recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15% held out) and reports each
+candidate's worst cell against it: a cell where (a) is low can regress without (a) showing it. Peak resident
+memory (and, on CUDA, peak allocated memory) is recorded per setting.
 
 Usage::
 
     python benchmarks/bench_study.py [--device cpu|cuda|auto] [--json PATH] [--data digits|cifar10]
         [--data-root DIR] [--limit N] [--pair R1111,R1211] [--epochs 0.5,1,2] [--lrs 0.01,0.05]
         [--patience 1,2] [--min-delta 0.01] [--share-suffix] [--fast-options] [--threads N]
-        [--candidate optim=adamw,lr=0.003 ...] [--reference-seeds 1,2]
+        [--candidate optim=adamw,lr=0.003 ...] [--reference-seeds 1,2] [--former-default]
 
 On digits the networks are the quick preset's zoo (trained once into ``--out``); on CIFAR-10 the
 ``cifar-small`` preset's. ``--fast-options`` adds share_suffix, bf16 and channels-last to every candidate.
@@ -39,6 +41,12 @@ import torch
 
 import modelstitch as ms
 from modelstitch.study import PRESETS, load_dataset, zoo_models
+
+FORMER_DEFAULT = {
+    "lr": 0.01, "momentum": 0.9, "warmup": 0.1, "holdout": 0.15, "epochs": 4, "upsampled_epochs_factor": 1,
+    "upsampled_lr_factor": 1, "batch_size": 64, "base_batch_size": 64,
+}  # fmt: skip
+"""Version 0.2's default recipe, as changes to the preset's (its presets quoted lr 0.01 at batch 64)."""
 
 
 def _peak_rss_mib() -> float:
@@ -114,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--reference-seeds", default="", help="run (a) again with these seeds, e.g. 1,2: (a)'s own spread"
     )
+    parser.add_argument(
+        "--former-default", action="store_true", help="also run version 0.2's default and compare each (b) with it"
+    )
     parser.add_argument("--json")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name += f"-patience{patience}" if patience is not None else ""
         name += f"-delta{args.min_delta:g}" if patience is not None and args.min_delta else ""
         results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
+    if args.former_default:
+        recipe = default.replace(**FORMER_DEFAULT)
+        results.append(run_setting("r-default-0.2", nets, pair, train, test, recipe, out, device, **layers))
     for changes in args.candidate:
         recipe = default.replace(**changes)
         name = "b-" + ",".join(f"{k}={v}" for k, v in changes.items())
@@ -168,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["mean_vs_a"] = float(acc.mean() - base.mean())
         r["matches_a"] = bool((acc >= base - 0.01).all() and acc.mean() >= base.mean() - 0.005)
         r["time_ratio"] = r["seconds"] / results[0]["seconds"]
+    former = next((r for r in results if r["setting"] == "r-default-0.2"), None)
+    for r in results[1:] if former is not None else []:
+        gap = np.array(r["accuracy"]) - np.array(former["accuracy"])
+        r["worst_cell_vs_former"] = float(gap.min())
+        r["worst_cell_vs_former_name"] = r["cell_names"][int(gap.argmin())]
     matches = [r for r in results[1:] if r["matches_a"] and r["setting"].startswith("b-")]
     fastest = min(matches, key=lambda r: r["seconds"]) if matches else None
     # (a) against itself: a candidate no further below (a) than (a) with another seed is within the seed's spread
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fastest_within = min(within, key=lambda r: r["seconds"]) if within else None
     columns = ["seconds", "mean accuracy", "worst cell vs (a)", "worst cell", "mean vs (a)", "matches (a)"]
     columns.append("time / (a)")
+    columns += ["worst cell vs 0.2's default", "that cell"] if former is not None else []
     print("| setting | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for r in results:
@@ -189,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             extra = [f"{r['worst_cell_vs_a']:+.3f}", r["worst_cell"], f"{r['mean_vs_a']:+.3f}", str(r["matches_a"])]
             extra.append(f"{r['time_ratio']:.2f}")
+        if former is not None:
+            gap = "-" if r is results[0] else f"{r['worst_cell_vs_former']:+.3f}"
+            extra += [gap, "-" if r is results[0] else r["worst_cell_vs_former_name"]]
         print(f"| {r['setting']} | {r['seconds']:.1f} | {r['mean_accuracy']:.3f} | " + " | ".join(extra) + " |")
     summary = {
         "device": device,

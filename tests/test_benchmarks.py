@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,14 +63,16 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     try:
         summary = bench.main(
             ["--device", "cpu", "--limit", "96", "--epochs", "0.5", "--layers", "stem,layer4.0", "--threads", "1",
-             "--reference-seeds", "1", "--candidate", "optim=adamw,lr=0.003,weight_decay=0",
+             "--reference-seeds", "1", "--candidate", "optim=adamw,lr=0.003,weight_decay=0", "--former-default",
              "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "study.json")]
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "study.json").read_text())["pair"] == ["R1111", "R1211"]
     names = [r["setting"] for r in summary["results"]]
-    assert names == ["a-paper", "a-paper-seed1", "b-default-0.5ep", "b-optim=adamw,lr=0.003,weight_decay=0"]
+    assert names == [
+        "a-paper", "a-paper-seed1", "b-default-0.5ep", "r-default-0.2", "b-optim=adamw,lr=0.003,weight_decay=0"
+    ]  # fmt: skip
     for r in summary["results"]:
         assert r["cells"] == 4 and _positive_finite(r["seconds"]) and _positive_finite(r["peak_rss_mib"])
         assert r["cell_names"] == ["stem -> stem", "stem -> layer4.0", "layer4.0 -> stem", "layer4.0 -> layer4.0"]
@@ -78,7 +81,16 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     assert summary["results"][1]["accuracy"] != summary["results"][0]["accuracy"]
     assert summary["reference_worst_cell"] == summary["results"][1]["worst_cell_vs_a"]
     for key in ("fastest_match", "fastest_within_seed_spread"):
-        assert summary[key] in (None, *names[2:])
+        assert summary[key] in (None, names[2], names[4])
+    # 0.2's default is a reference, not a candidate; every setting's worst cell against it is measured
+    former = summary["results"][3]
+    assert former["recipe"].startswith("Recipe(lr=0.01, momentum=0.9") and "epochs=4" in former["recipe"]
+    assert "batch_size=64" in former["recipe"]  # version 0.2 quoted lr 0.01 at batch 64, whatever the default now is
+    assert former["worst_cell_vs_former"] == 0
+    for r in summary["results"][1:]:
+        gap = np.array(r["accuracy"]) - np.array(former["accuracy"])
+        assert r["worst_cell_vs_former"] == pytest.approx(gap.min())
+        assert r["worst_cell_vs_former_name"] == r["cell_names"][int(gap.argmin())]
 
 
 def test_bench_lstsq_compares_the_float32_fit_with_the_float64_one(tmp_path, capsys):

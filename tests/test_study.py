@@ -154,6 +154,24 @@ def test_study_refuses_a_different_study_in_the_same_folder(trained_pair):
         other.run(progress=False)
 
 
+def test_study_names_the_recipe_field_that_differs(trained_pair):
+    """Every recipe field is recorded, defaults too: a run in the same folder with one field changed is refused,
+    naming the field (a default that changed between versions would change the results silently otherwise)."""
+    other = ms.Study(
+        trained_pair.models,
+        train_data=trained_pair.train_data,
+        test_data=trained_pair.test_data,
+        out=trained_pair.out,
+        layers=trained_pair.layers,
+        controls=trained_pair.controls,
+        recipe=trained_pair.recipe.replace(upsampled_lr_factor=1),
+        device="cpu",
+    )
+    changed = r"different study: recipe\.upsampled_lr_factor was 0\.4, now 1\. Use another"
+    with pytest.raises(ms.StitchError, match=changed):
+        other.run(progress=False)
+
+
 def test_study_input_errors():
     nets = {"A": zoo.small_resnet("R1111", width=4)}
     digits = data.subset(data.digits(), 8)

@@ -760,8 +760,10 @@ def test_convergence_flags_a_cell_that_stays_at_its_start_and_one_still_rising(t
 
 
 def test_a_stitch_that_upsamples_by_4_trains_twice_as_long_on_its_own_schedule_as_if_alone(trained, digits):
-    """`Recipe.upsampled_epochs_factor`: layer4.0 (4x4) -> stem (32x32) upsamples by 8, so it gets two epochs'
-    steps and two epoch losses, beside a same-size cell that gets one; trained together, each ends as if alone."""
+    """`Recipe.upsampled_epochs_factor` and `upsampled_lr_factor`: layer4.0 (4x4) -> stem (32x32) upsamples by 8,
+    so it gets two epochs' steps and two epoch losses at 0.4 times the rate, beside a same-size cell that gets one
+    epoch at the full rate; trained together, each ends as if alone, and the upsampled one as a stitch trained
+    at 0.4 times the rate for twice the epochs with neither factor."""
     tr, _ = digits
     model, _ = trained
     recipe = ms.Recipe()
@@ -786,6 +788,16 @@ def test_a_stitch_that_upsamples_by_4_trains_twice_as_long_on_its_own_schedule_a
     up = _fresh_stitch(model, "layer4.0", model, "stem")
     plain = ms.train_stitch(up, tr, recipe=same, device=CPU, progress=False)
     assert plain.steps == steps
+    spelled_out = recipe.replace(upsampled_epochs_factor=1, upsampled_lr_factor=1, epochs=2, lr=0.4 * recipe.lr)
+    up = _fresh_stitch(model, "layer4.0", model, "stem")
+    by_hand = ms.train_stitch(up, tr, recipe=spelled_out, device=CPU, progress=False)
+    assert by_hand.epoch_losses == pytest.approx(alone[0][0].epoch_losses, rel=1e-4)
+    assert all(torch.allclose(v, alone[0][1][k], atol=1e-5) for k, v in _weights(up).items())
+    faster = recipe.replace(upsampled_lr_factor=1)
+    up = _fresh_stitch(model, "layer4.0", model, "stem")
+    assert ms.train_stitch(up, tr, recipe=faster, device=CPU, progress=False).epoch_losses[0] != pytest.approx(
+        alone[0][0].epoch_losses[0], rel=1e-3
+    )
 
 
 def test_the_kept_state_is_the_one_of_lowest_held_out_loss(trained, digits):

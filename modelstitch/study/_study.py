@@ -352,7 +352,8 @@ class Study:
             "kind": self.kind,
             "init": self.init,
             "seed": self.seed,
-            "recipe": repr(self.recipe),
+            # every field, defaults too: a default that changes between versions changes the results
+            "recipe": {f.name: repr(getattr(self.recipe, f.name)) for f in dataclasses.fields(self.recipe)},
             "cache_dtype": None if self.cache_dtype is None else str(self.cache_dtype),
             "measures": list(self.measures),
             "sanity_pairs": [list(p) for p in self.sanity_pairs],
@@ -833,8 +834,11 @@ def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     saved, config = json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(config, default=str))
     out = []
     for key in sorted((set(saved) | set(config)) - {"pairs", "sanity_pairs", "fingerprints"}):
-        if saved.get(key) != config.get(key):
-            out.append(f"{key} was {saved.get(key)!r}, now {config.get(key)!r}")
+        was, now = saved.get(key), config.get(key)
+        if isinstance(was, dict) and isinstance(now, dict):  # name the fields that differ (the recipe's)
+            out += [f"{key}.{k} was {was.get(k)}, now {now.get(k)}" for k in {**was, **now} if was.get(k) != now.get(k)]
+        elif was != now:
+            out.append(f"{key} was {was!r}, now {now!r}")
     old, new = saved.get("fingerprints", {}), config.get("fingerprints", {})
     for name in sorted(set(old.get("networks", {})) | set(new.get("networks", {}))):
         if old.get("networks", {}).get(name) != new.get("networks", {}).get(name):

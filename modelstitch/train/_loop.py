@@ -36,6 +36,7 @@ def optimise(
     on_step: Callable[[int, int], None] | None = None,
     active: Sequence[bool] | None = None,
     before_step: Callable[[], None] | None = None,
+    lrs: Sequence[float] | None = None,
 ) -> list[list[float]]:
     """Run ``total_steps`` optimiser steps, one optimiser and schedule per parameter set.
 
@@ -68,6 +69,8 @@ def optimise(
             after every step, e.g. to move an outer progress bar.
         before_step: called once the step's gradients are all in, before
             clipping and the optimiser steps (e.g. a `Preconditioner`).
+        lrs: each set's peak learning rate (default: ``recipe.scaled_lr``
+            for every set), e.g. `Recipe.lr_for` of each stitch.
 
     Returns:
         For each parameter set, the mean training loss of each epoch.
@@ -77,7 +80,8 @@ def optimise(
             and the model).
     """
     use_amp = recipe.uses_amp(device)
-    optimizers = [recipe.optimizer(params) for params in parameter_sets]
+    peaks = [None] * len(parameter_sets) if lrs is None else list(lrs)
+    optimizers = [recipe.optimizer(params, lr) for params, lr in zip(parameter_sets, peaks, strict=True)]
     totals = [total_steps] * len(optimizers) if isinstance(total_steps, int) else list(total_steps)
     longest = max(totals)
     schedulers = [recipe.scheduler(opt, total) for opt, total in zip(optimizers, totals)]

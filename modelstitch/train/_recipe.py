@@ -17,23 +17,25 @@ from ..core import Positions
 __all__ = ["UPSAMPLED", "Recipe"]
 
 UPSAMPLED = 4
-"""A stitch that upsamples by this factor or more per side trains `Recipe.upsampled_epochs_factor` times longer."""
+"""A stitch that upsamples by this factor or more per side trains `Recipe.upsampled_epochs_factor` times longer,
+at `Recipe.upsampled_lr_factor` times the learning rate."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How to train: initialisation, optimiser, schedule, selection, numerics and seed.
 
-    The defaults are the fastest setting measured to match the stitch recipe
-    of Hernandez et al. (`Recipe.paper`) cell by cell in a fraction of its
-    time (docs/performance.md, "The default recipe"): each linear stitch
+    The defaults reach the stitch recipe of Hernandez et al. (`Recipe.paper`)
+    cell by cell, within that recipe's own seed-to-seed spread, in about 0.4
+    of its time (docs/performance.md, "Batch 32"): each linear stitch
     starts from its least-squares fit (``init="lstsq"``) and its gradient is
     whitened by its input's second moments (``precondition=True``); then one
-    epoch of SGD with momentum 0.5 at learning rate 0.25 (batch 64), weight
+    epoch of SGD with momentum 0.5 at learning rate 0.125 (batch 32), weight
     decay 0.01, 30% linear warmup and cosine decay to zero; a stitch that
     upsamples its input by 4 or more per side (a deep sender into an early
-    receiver layer) trains twice as long (``upsampled_epochs_factor``); and
-    training keeps the state that scores best on 5% of the training data
+    receiver layer) trains twice as long at 0.4 times the rate
+    (``upsampled_epochs_factor``, ``upsampled_lr_factor``); and
+    training keeps the state of lowest loss on 5% of the training data
     held out (``holdout=0.05``, at least `train.MIN_HOLDOUT` samples). A
     self-stitch reaches the network's own accuracy at every layer
     (docs/trust.md). `Recipe.paper` is the paper's recipe exactly: SGD with
@@ -49,15 +51,20 @@ class Recipe:
     Attributes:
         lr: learning rate at batch size ``base_batch_size``; the rate used is
             scaled linearly with ``batch_size`` (see `scaled_lr`). The
-            default, 0.25 at batch 64, is for whitened steps from a
+            default, 0.125 at batch 32, is for whitened steps from a
             least-squares start; plain steps from a random start (``init=
             "random"``, stitch kinds other than ``linear``) need a far lower
-            one, such as `Recipe.paper`'s 0.01 at batch 256 (at 0.25 a
-            random-start digits cell's training loss averaged 50 over its
-            epoch, and its start was kept).
+            one, such as `Recipe.paper`'s 0.01 at batch 256 (at the default's
+            rate a random-start digits cell's training loss averaged 50 over
+            its epoch, and its start was kept).
         momentum: SGD momentum, in [0, 1).
         weight_decay: L2 weight decay (SGD's ``weight_decay``).
-        batch_size: samples per optimiser step.
+        batch_size: samples per optimiser step. The default, 32, takes twice
+            the steps of version 0.3's 64 at the same rate per sample: at 64,
+            digits cells into a receiver's ``stem`` or ``layer1.0`` blew up in
+            their first epoch and ended up to 11 points below version 0.2's
+            default; at 32, 3 points at most (docs/performance.md, "Batch
+            32"), for 9% to 20% more time.
         epochs: passes over the training data.
         upsampled_epochs_factor: a stitch whose nearest upsampling is by
             `UPSAMPLED` (4) or more per side (`Stitch.upsample`: a deep
@@ -66,6 +73,15 @@ class Recipe:
             own schedule; ``1`` trains every stitch alike. Measured: after one
             epoch such cells of CIFAR-10 ResNets were up to 3 points below the
             paper's recipe, after two within a point.
+        upsampled_lr_factor: the same stitches train at this many times the
+            learning rate (`lr_for`); ``1`` trains every stitch at ``lr``.
+            Measured (docs/performance.md, "Batch 32"): at batch 64 and the
+            full rate, a deep digits cell (R1111 ``layer3.0`` -> R1211
+            ``stem``, the main job's networks) ended at 0.731, at 0.4 times
+            the rate 0.922 (version 0.2's default: 0.906). At batch 32 it
+            matters less: over the 11 cells that upsample in the two digits
+            benchmark pairs, 0.4 against 1 moved a cell by -3.1 to +3.3
+            points, none on average (``layer3.0`` -> ``stem`` +1.7 and +3.3).
         warmup: fraction of all steps spent in the linear warmup, in [0, 1).
         base_batch_size: the batch size at which ``lr`` is quoted.
         nesterov: Nesterov momentum (SGD only).
@@ -126,19 +142,20 @@ class Recipe:
 
     Examples:
         >>> Recipe()
-        Recipe(lr=0.25, momentum=0.5, weight_decay=0.01, batch_size=64, epochs=1, warmup=0.3, seed=0)
+        Recipe(lr=0.125, momentum=0.5, weight_decay=0.01, batch_size=32, epochs=1, warmup=0.3, seed=0)
         >>> Recipe(batch_size=128).scaled_lr
         0.5
     """
 
-    lr: float = 0.25
+    lr: float = 0.125
     momentum: float = 0.5
     weight_decay: float = 0.01
-    batch_size: int = 64
+    batch_size: int = 32
     epochs: float = 1
     warmup: float = 0.3
-    base_batch_size: int = 64
+    base_batch_size: int = 32
     upsampled_epochs_factor: float = 2.0
+    upsampled_lr_factor: float = 0.4
     nesterov: bool = False
     optim: str = "sgd"
     amp: bool | None = None
@@ -186,8 +203,10 @@ class Recipe:
 
         Examples:
             >>> r = Recipe.paper()
-            >>> r.lr, r.momentum, r.weight_decay, r.batch_size, r.epochs, r.warmup, r.upsampled_epochs_factor
-            (0.01, 0.9, 0.01, 256, 4, 0.1, 1.0)
+            >>> r.lr, r.momentum, r.weight_decay, r.batch_size, r.epochs, r.warmup
+            (0.01, 0.9, 0.01, 256, 4, 0.1)
+            >>> r.upsampled_epochs_factor, r.upsampled_lr_factor
+            (1.0, 1.0)
             >>> r.init, r.precondition, r.holdout, Recipe.paper(epochs=1).epochs
             ('random', False, 0.0, 1)
         """
@@ -208,8 +227,19 @@ class Recipe:
             >>> Recipe().epochs_for(by_4), Recipe().epochs_for(by_2), Recipe.paper().epochs_for(by_4)
             (2.0, 1, 4.0)
         """
-        upsample = getattr(stitch, "upsample", 1)
-        return self.epochs * self.upsampled_epochs_factor if upsample >= UPSAMPLED else self.epochs
+        return self.epochs * self.upsampled_epochs_factor if _upsampled(stitch) else self.epochs
+
+    def lr_for(self, stitch: torch.nn.Module) -> float:
+        """The learning rate ``stitch`` trains at: `scaled_lr`, times ``upsampled_lr_factor`` for a stitch that
+        upsamples by `UPSAMPLED` or more per side.
+
+        Examples:
+            >>> from modelstitch.stitches import make_stitch
+            >>> by_4, by_2 = make_stitch((8, 4, 4), (4, 16, 16)), make_stitch((8, 4, 4), (4, 8, 8))
+            >>> Recipe().lr_for(by_4), Recipe().lr_for(by_2), Recipe.paper().lr_for(by_4)
+            (0.05, 0.125, 0.01)
+        """
+        return self.scaled_lr * self.upsampled_lr_factor if _upsampled(stitch) else self.scaled_lr
 
     def replace(self, **changes: object) -> Recipe:
         """A copy with some fields changed (validated like the constructor).
@@ -238,15 +268,15 @@ class Recipe:
         progress = (step - warmup_steps) / decay_steps
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """SGD (or AdamW, see ``optim``) over ``params`` at `scaled_lr` with this recipe's momentum and decay."""
+    def optimizer(self, params: Iterable[torch.nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        """SGD (or AdamW, see ``optim``) over ``params`` at ``lr`` (default `scaled_lr`) with this recipe's
+        momentum and decay."""
+        lr = self.scaled_lr if lr is None else lr
         if self.optim == "adamw":
-            return torch.optim.AdamW(
-                params, lr=self.scaled_lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay
-            )
+            return torch.optim.AdamW(params, lr=lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay)
         return torch.optim.SGD(
             params,
-            lr=self.scaled_lr,
+            lr=lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             nesterov=self.nesterov,
@@ -294,11 +324,18 @@ _PAPER: dict[str, object] = {
     "epochs": 4,
     "warmup": 0.1,
     "upsampled_epochs_factor": 1.0,
+    "upsampled_lr_factor": 1.0,
     "init": "random",
     "precondition": False,
     "holdout": 0.0,
 }
 """`Recipe.paper`: every field of the paper's recipe that differs from the defaults, or might one day."""
+
+
+def _upsampled(stitch: torch.nn.Module) -> bool:
+    """Whether ``stitch`` upsamples by `UPSAMPLED` or more per side (`Stitch.upsample`; 1 for other modules)."""
+    return getattr(stitch, "upsample", 1) >= UPSAMPLED
+
 
 _REPR_ALWAYS = ("lr", "momentum", "weight_decay", "batch_size", "epochs", "warmup", "seed")
 
@@ -351,6 +388,7 @@ _RULES: dict[str, tuple[Callable[[object], object], Callable[[Any], bool], str]]
     "warmup": (_number, lambda v: 0 <= v < 1, "is a fraction of all steps, a number in [0, 1)"),
     "base_batch_size": (_whole, lambda v: v >= 1, "must be a whole number >= 1"),
     "upsampled_epochs_factor": (_number, lambda v: v >= 1, "must be a finite number >= 1"),
+    "upsampled_lr_factor": (_number, lambda v: v > 0, "must be a finite number > 0"),
     "nesterov": (_flag, lambda v: True, "must be True or False"),
     "optim": (_choice("sgd", "adamw"), lambda v: True, "must be 'sgd' or 'adamw'"),
     "amp": (_optional(_flag), lambda v: True, "must be None (CUDA only), True or False"),
