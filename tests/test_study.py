@@ -140,35 +140,29 @@ def test_rerun_of_a_finished_study_trains_nothing(trained_pair):
     assert time.perf_counter() - start < 5
 
 
-def test_study_refuses_a_different_study_in_the_same_folder(trained_pair):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda pair: {"seed": 123}, r"different study: seed was 0, now 123\. Use another"),
+        # every recipe field is recorded, defaults too: a default that changed between versions is named
+        (
+            lambda pair: {"recipe": pair.recipe.replace(upsampled_lr_factor=1)},
+            r"different study: recipe\.upsampled_lr_factor was 0\.4, now 1\. Use another",
+        ),
+    ],
+    ids=["seed", "a recipe default"],
+)
+def test_study_refuses_a_different_study_in_the_same_folder(trained_pair, change, message):
+    settings = {"layers": trained_pair.layers, "controls": trained_pair.controls, "recipe": trained_pair.recipe}
     other = ms.Study(
         trained_pair.models,
         train_data=trained_pair.train_data,
         test_data=trained_pair.test_data,
         out=trained_pair.out,
-        controls=trained_pair.controls,
-        seed=123,
         device="cpu",
+        **{**settings, **change(trained_pair)},
     )
-    with pytest.raises(ms.StitchError, match="different study"):
-        other.run(progress=False)
-
-
-def test_study_names_the_recipe_field_that_differs(trained_pair):
-    """Every recipe field is recorded, defaults too: a run in the same folder with one field changed is refused,
-    naming the field (a default that changed between versions would change the results silently otherwise)."""
-    other = ms.Study(
-        trained_pair.models,
-        train_data=trained_pair.train_data,
-        test_data=trained_pair.test_data,
-        out=trained_pair.out,
-        layers=trained_pair.layers,
-        controls=trained_pair.controls,
-        recipe=trained_pair.recipe.replace(upsampled_lr_factor=1),
-        device="cpu",
-    )
-    changed = r"different study: recipe\.upsampled_lr_factor was 0\.4, now 1\. Use another"
-    with pytest.raises(ms.StitchError, match=changed):
+    with pytest.raises(ms.StitchError, match=message):
         other.run(progress=False)
 
 
