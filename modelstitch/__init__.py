@@ -22,7 +22,6 @@ Examples:
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from ._errors import StitchError, StitchWarning
@@ -63,8 +62,8 @@ _PUBLIC: dict[str, str] = {
 
 _SUBPACKAGES = ("analysis", "core", "data", "metrics", "stitches", "study", "train", "zoo")
 
-# Names that were top-level before 0.2: still importable, with a DeprecationWarning, until 0.3.
-_DEPRECATED: dict[str, str] = {
+# Names that were top-level before 0.2 (deprecated in 0.2 and 0.3, gone in 0.4): an AttributeError says where they went.
+_MOVED: dict[str, str] = {
     "Activations": "core",
     "Prefix": "core",
     "Suffix": "core",
@@ -92,14 +91,9 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     elif name in _SUBPACKAGES:
         value = importlib.import_module(f".{name}", __name__)
-    elif name in _DEPRECATED:
-        where = f"modelstitch.{_DEPRECATED[name]}"
-        warnings.warn(
-            f"modelstitch.{name} moved to {where}.{name}; the top-level name goes away in 0.3",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(where), name)
+    elif name in _MOVED:
+        where = f"modelstitch.{_MOVED[name]}.{name}"
+        raise AttributeError(f"modelstitch.{name} moved to {where} in 0.2 (the top-level name went in 0.4)")
     else:
         raise AttributeError(f"module 'modelstitch' has no attribute {name!r}")
     globals()[name] = value  # later lookups skip this function

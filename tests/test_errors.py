@@ -409,10 +409,12 @@ def test_valid_input_that_used_to_fail_works(name, call):
         assert same_state(net, before[key]), key
 
 
-def test_old_top_level_names_warn_and_still_work():
-    with pytest.warns(DeprecationWarning, match=r"modelstitch.ResultStore moved to modelstitch.study.ResultStore"):
-        store_class = ms.ResultStore
-    assert store_class is ms.study.ResultStore
+def test_old_top_level_names_say_where_they_went():
+    with pytest.raises(AttributeError, match=r"modelstitch.ResultStore moved to modelstitch.study.ResultStore"):
+        ms.ResultStore  # noqa: B018
+    assert not hasattr(ms, "LeastSquares") and hasattr(ms.stitches, "LeastSquares")
+    with pytest.raises(AttributeError, match="has no attribute 'nonsense'"):
+        ms.nonsense  # noqa: B018
 
 
 def test_keep_going_records_the_failure_and_the_cli_exits_non_zero(tmp_path, capsys):
