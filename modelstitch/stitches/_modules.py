@@ -229,12 +229,23 @@ class Stitch(nn.Module):
         self.input_moments: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``[B, *provided]`` to ``[B, *expected]``."""
+        """Map ``[B, *provided]`` to ``[B, *expected]``.
+
+        The stitch computes in its parameters' dtype (float32 unless the user
+        cast it), outside any active `torch.autocast`: a least-squares map
+        sums hundreds of inputs with weights of both signs, and in bfloat16
+        the rounding swamps the result (a digits ``stem`` -> ``layer4.0``
+        stitch, 512 inputs per output: 635% relative error, test accuracy
+        0.81 -> 0.11). The networks around it keep the autocast.
+        """
         if tuple(x.shape[1:]) != self.provided:
             raise StitchError(f"stitch {self.provided} -> {self.expected} got input of shape {tuple(x.shape)}")
-        if self.upsample_after_core:  # the same function: nearest upsampling commutes with a pointwise core
-            return self.post(self._upsampler[0](self.core(self.before_upsample(x))))
-        return self.post(self.core(self.pre(x)))
+        dtype = next((t.dtype for t in self.parameters() if t.is_floating_point()), x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(dtype)
+            if self.upsample_after_core:  # the same function: nearest upsampling commutes with a pointwise core
+                return self.post(self._upsampler[0](self.core(self.before_upsample(x))))
+            return self.post(self.core(self.pre(x)))
 
     def before_upsample(self, x: torch.Tensor) -> torch.Tensor:
         """``pre`` up to its final nearest upsampling (all of ``pre`` when it has none).
