@@ -63,7 +63,7 @@ class Recipe:
             the steps of version 0.3's 64 at the same rate per sample: at 64,
             digits cells into a receiver's ``stem`` or ``layer1.0`` blew up in
             their first epoch and ended up to 11 points below version 0.2's
-            default; at 32, 3 points at most (docs/performance.md, "Batch
+            default; at 32, 3.1 points at most (docs/performance.md, "Batch
             32"), for 9% to 20% more time.
         epochs: passes over the training data.
         upsampled_epochs_factor: a stitch whose nearest upsampling is by
@@ -92,7 +92,8 @@ class Recipe:
             networks' forward passes, in training and evaluation alike:
             ``None`` (default) on CUDA only, ``True`` on any device (on the CPU
             that is bfloat16 autocast, the numerics a GPU run uses), ``False``
-            never.
+            never. The stitch itself computes in float32 either way
+            (`Stitch.forward`).
         amp_dtype: ``"bfloat16"`` or ``"float16"`` (float16 gets a gradient
             scaler; on the CPU use bfloat16).
         channels_last: use the channels-last memory format for 4-D tensors,
