@@ -656,3 +656,5 @@ def test_a_stitch_computes_in_its_own_precision_under_autocast():
     assert (core_alone.float() - expected).norm() > 1e-3 * expected.norm()
     got.sum().backward()
     assert s.core.weight.grad.dtype == torch.float32
+    # a device without autocast (shape inference on meta tensors) still runs
+    assert s.to("meta")(torch.zeros(2, 8, 32, 32, device="meta")).shape == (2, 64, 4, 4)

@@ -10,6 +10,7 @@ copies of their mean). See ``docs/stitches.md`` for the shape rules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -241,7 +242,7 @@ class Stitch(nn.Module):
         if tuple(x.shape[1:]) != self.provided:
             raise StitchError(f"stitch {self.provided} -> {self.expected} got input of shape {tuple(x.shape)}")
         dtype = next((t.dtype for t in self.parameters() if t.is_floating_point()), x.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             x = x.to(dtype)
             if self.upsample_after_core:  # the same function: nearest upsampling commutes with a pointwise core
                 return self.post(self._upsampler[0](self.core(self.before_upsample(x))))
@@ -649,3 +650,13 @@ def identity_(stitch: nn.Module) -> bool:
         index = torch.arange(c_in)
         core.weight[index, index] = 1.0 / (k * k)
     return True
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
+    """Leave an active `torch.autocast` of ``device_type`` for the block (nothing where none is active, or where
+    the device has no autocast, such as ``meta``)."""
+    try:
+        active = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False) if active else contextlib.nullcontext()
