@@ -9,17 +9,18 @@ given with ``--candidate`` (fields of the preset's recipe to change, e.g. ``opti
 candidate *matches* when every cell is at most 1 point below (a) and the mean at most 0.5 below; the report
 names the fastest match and its time as a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other
 seeds: how far (a) is from itself (its worst cell and mean against seed 0's, and whether it "matches" by the
-same rule) tells how much of a candidate's gap is the seed. ``--former-default`` also runs version 0.2's default
-recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15% held out) and reports each
-candidate's worst cell against it: a cell where (a) is low can regress without (a) showing it. Peak resident
-memory (and, on CUDA, peak allocated memory) is recorded per setting.
+same rule) tells how much of a candidate's gap is the seed; ``--seeds`` does the same for the default
+recipe (b), which is then held to the rule once per seed (a seed is not a candidate). ``--former-default`` also
+runs version 0.2's default recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15% held
+out) and reports each candidate's worst cell against it: a cell where (a) is low can regress without (a)
+showing it. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per setting.
 
 Usage::
 
     python benchmarks/bench_study.py [--device cpu|cuda|auto] [--json PATH] [--data digits|cifar10]
         [--data-root DIR] [--limit N] [--pair R1111,R1211] [--epochs 0.5,1,2] [--lrs 0.01,0.05]
         [--patience 1,2] [--min-delta 0.01] [--share-suffix] [--fast-options] [--threads N]
-        [--candidate optim=adamw,lr=0.003 ...] [--reference-seeds 1,2] [--former-default]
+        [--candidate optim=adamw,lr=0.003 ...] [--reference-seeds 1,2] [--seeds 1,2,3] [--former-default]
 
 On digits the networks are the quick preset's zoo (trained once into ``--out``); on CIFAR-10 the
 ``cifar-small`` preset's. ``--fast-options`` adds share_suffix, bf16 and channels-last to every candidate.
@@ -70,6 +71,7 @@ def run_setting(
     return {
         "setting": name,
         "recipe": repr(recipe),
+        "recipe_seed": recipe.seed,
         "options": {k: str(v) for k, v in study_options.items()},
         "seconds": seconds,
         "cells": matrix.size,
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--reference-seeds", default="", help="run (a) again with these seeds, e.g. 1,2: (a)'s own spread"
     )
     parser.add_argument(
+        "--seeds", default="", help="run the default recipe (b) again with these seeds, e.g. 1,2,3: its own spread"
+    )
+    parser.add_argument(
         "--former-default", action="store_true", help="also run version 0.2's default and compare each (b) with it"
     )
     parser.add_argument("--json")
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [default.lr]
     patiences = [None if p == "none" else int(p) for p in args.patience.split(",")] if args.patience else [None]
     epoch_list = [float(e) for e in args.epochs.split(",")]
+    ran: dict[str, ms.Recipe] = {}  # (b)'s grid: setting name -> recipe
     for lr, epochs, patience in itertools.product(lrs, epoch_list, patiences):
         recipe = default.replace(epochs=epochs, lr=lr, patience=patience)
         if patience is not None and args.min_delta:
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name += f"-patience{patience}" if patience is not None else ""
         name += f"-delta{args.min_delta:g}" if patience is not None and args.min_delta else ""
         results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
+        ran[name] = recipe
     if args.former_default:
         recipe = default.replace(**FORMER_DEFAULT)
         results.append(run_setting("r-default-0.2", nets, pair, train, test, recipe, out, device, **layers))
@@ -174,6 +181,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recipe = default.replace(**changes)
         name = "b-" + ",".join(f"{k}={v}" for k, v in changes.items())
         results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    if seeds:  # the default at seed 0 (run above when --epochs and --lrs include its own), then at each seed
+        same = [r for r in results if ran.get(r["setting"]) == default]
+        own = same[0] if same else run_setting("s-default-seed0", nets, pair, train, test, default, out, device, **fast)
+        results += [] if same else [own]
+        for seed in seeds:
+            results.append(run_setting(f"s-default-seed{seed}", nets, pair, train, test, default.replace(seed=seed),
+                                       out, device, **fast))  # fmt: skip
     base = np.array(results[0]["accuracy"])
     for r in results[1:]:
         acc = np.array(r["accuracy"])
@@ -182,6 +197,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["mean_vs_a"] = float(acc.mean() - base.mean())
         r["matches_a"] = bool((acc >= base - 0.01).all() and acc.mean() >= base.mean() - 0.005)
         r["time_ratio"] = r["seconds"] / results[0]["seconds"]
+    seed_runs = [r for r in results if r["setting"].startswith("s-default-seed") and r is not own] if seeds else []
+    for r in seed_runs:
+        gap = np.array(r["accuracy"]) - np.array(own["accuracy"])
+        r["worst_cell_vs_default"] = float(gap.min())
+        r["worst_cell_vs_default_name"] = r["cell_names"][int(gap.argmin())]
+        r["mean_vs_default"] = float(gap.mean())
     former = next((r for r in results if r["setting"] == "r-default-0.2"), None)
     for r in results[1:] if former is not None else []:
         gap = np.array(r["accuracy"]) - np.array(former["accuracy"])
@@ -224,6 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reference_worst_cell": spread,
         "fastest_within_seed_spread": None if fastest_within is None else fastest_within["setting"],
         "fastest_within_seed_spread_time_ratio": None if fastest_within is None else fastest_within["time_ratio"],
+        "default_seed_spread": min((r["worst_cell_vs_default"] for r in seed_runs), default=None),
+        "default_matches_by_seed": {
+            str(r["recipe_seed"]): r["matches_a"] for r in ([own, *seed_runs] if seeds else [])
+        },
     }
     print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
     if spread is not None:
@@ -232,6 +257,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary["fastest_within_seed_spread"],
             "time ratio",
             summary["fastest_within_seed_spread_time_ratio"],
+        )
+    if seeds:
+        print(
+            f"the default (b) with another seed: worst cell {summary['default_seed_spread']:+.3f} against its seed 0; "
+            "matches (a) by seed:",
+            summary["default_matches_by_seed"],
         )
     if args.json:
         ms.core.write_text(args.json, json.dumps(summary, indent=1))

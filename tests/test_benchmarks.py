@@ -63,7 +63,8 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     try:
         summary = bench.main(
             ["--device", "cpu", "--limit", "96", "--epochs", "0.5", "--layers", "stem,layer4.0", "--threads", "1",
-             "--reference-seeds", "1", "--candidate", "optim=adamw,lr=0.003,weight_decay=0", "--former-default",
+             "--reference-seeds", "1", "--seeds", "1", "--candidate", "optim=adamw,lr=0.003,weight_decay=0",
+             "--former-default",
              "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "study.json")]
         )  # fmt: skip
     finally:
@@ -71,7 +72,8 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     assert json.loads((tmp_path / "study.json").read_text())["pair"] == ["R1111", "R1211"]
     names = [r["setting"] for r in summary["results"]]
     assert names == [
-        "a-paper", "a-paper-seed1", "b-default-0.5ep", "r-default-0.2", "b-optim=adamw,lr=0.003,weight_decay=0"
+        "a-paper", "a-paper-seed1", "b-default-0.5ep", "r-default-0.2", "b-optim=adamw,lr=0.003,weight_decay=0",
+        "s-default-seed0", "s-default-seed1",
     ]  # fmt: skip
     for r in summary["results"]:
         assert r["cells"] == 4 and _positive_finite(r["seconds"]) and _positive_finite(r["peak_rss_mib"])
@@ -81,7 +83,13 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     assert summary["results"][1]["accuracy"] != summary["results"][0]["accuracy"]
     assert summary["reference_worst_cell"] == summary["results"][1]["worst_cell_vs_a"]
     for key in ("fastest_match", "fastest_within_seed_spread"):
-        assert summary[key] in (None, names[2], names[4])
+        assert summary[key] in (None, names[2], names[4])  # a seed of the default is not a candidate
+    # --seeds: the default recipe (one epoch; --epochs 0.5 did not run it) at seed 0, then at seed 1, against it
+    own, other = summary["results"][5:]
+    assert own["recipe_seed"] == 0 and other["recipe_seed"] == 1 and "epochs=1," in own["recipe"]
+    gap = np.array(other["accuracy"]) - np.array(own["accuracy"])
+    assert other["worst_cell_vs_default"] == pytest.approx(gap.min()) == summary["default_seed_spread"]
+    assert summary["default_matches_by_seed"] == {"0": own["matches_a"], "1": other["matches_a"]}
     # 0.2's default is a reference, not a candidate; every setting's worst cell against it is measured
     former = summary["results"][3]
     assert former["recipe"].startswith("Recipe(lr=0.01, momentum=0.9") and "epochs=4" in former["recipe"]
