@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if seeds:  # the default at seed 0 (run above when --epochs and --lrs include its own), then at each seed
         same = [r for r in results if ran.get(r["setting"]) == default]
         own = same[0] if same else run_setting("s-default-seed0", nets, pair, train, test, default, out, device, **fast)
-        results += [] if same else [own]
+        if not same:
+            results.append(own)
         for seed in seeds:
             results.append(run_setting(f"s-default-seed{seed}", nets, pair, train, test, default.replace(seed=seed),
                                        out, device, **fast))  # fmt: skip
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["mean_vs_a"] = float(acc.mean() - base.mean())
         r["matches_a"] = bool((acc >= base - 0.01).all() and acc.mean() >= base.mean() - 0.005)
         r["time_ratio"] = r["seconds"] / results[0]["seconds"]
-    seed_runs = [r for r in results if r["setting"].startswith("s-default-seed") and r is not own] if seeds else []
+    seed_runs = [r for r in results if r["setting"].startswith("s-default-seed") and r["recipe_seed"] != 0]
     for r in seed_runs:
         gap = np.array(r["accuracy"]) - np.array(own["accuracy"])
         r["worst_cell_vs_default"] = float(gap.min())
@@ -246,9 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fastest_within_seed_spread": None if fastest_within is None else fastest_within["setting"],
         "fastest_within_seed_spread_time_ratio": None if fastest_within is None else fastest_within["time_ratio"],
         "default_seed_spread": min((r["worst_cell_vs_default"] for r in seed_runs), default=None),
-        "default_matches_by_seed": {
-            str(r["recipe_seed"]): r["matches_a"] for r in ([own, *seed_runs] if seeds else [])
-        },
+        "default_matches_by_seed": {str(r["recipe_seed"]): r["matches_a"] for r in [own, *seed_runs]} if seeds else {},
     }
     print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
     if spread is not None:
