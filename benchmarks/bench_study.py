@@ -10,10 +10,13 @@ candidate *matches* when every cell is at most 1 point below (a) and the mean at
 names the fastest match and its time as a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other
 seeds: how far (a) is from itself (its worst cell and mean against seed 0's, and whether it "matches" by the
 same rule) tells how much of a candidate's gap is the seed; ``--seeds`` does the same for the default
-recipe (b), which is then held to the rule once per seed (a seed is not a candidate). ``--former-default`` also
+recipe (b), which is then held to the rule once per seed (a seed is not a candidate); with both, the default's
+mean over its seeds is held to the rule against (a)'s mean over its seeds, cell by cell. ``--former-default`` also
 runs version 0.2's default recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15% held
 out) and reports each candidate's worst cell against it: a cell where (a) is low can regress without (a)
-showing it. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per setting.
+showing it. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per setting. Every setting is
+timed in a warm process: (a) runs once untimed first (``--cold`` skips that), since a process's first study is
+slower whatever its recipe (docs/performance.md, "A warm process").
 
 Usage::
 
@@ -21,6 +24,7 @@ Usage::
         [--data-root DIR] [--limit N] [--pair R1111,R1211] [--epochs 0.5,1,2] [--lrs 0.01,0.05]
         [--patience 1,2] [--min-delta 0.01] [--share-suffix] [--fast-options] [--threads N]
         [--candidate optim=adamw,lr=0.003 ...] [--reference-seeds 1,2] [--seeds 1,2,3] [--former-default]
+        [--cold]
 
 On digits the networks are the quick preset's zoo (trained once into ``--out``); on CIFAR-10 the
 ``cifar-small`` preset's. ``--fast-options`` adds share_suffix, bf16 and channels-last to every candidate.
@@ -83,6 +87,11 @@ def run_setting(
     }
 
 
+def _matches(accuracy: np.ndarray, reference: np.ndarray) -> bool:
+    """The 1-point rule: no cell more than 1 point below ``reference``, the mean at most 0.5 point below."""
+    return bool((accuracy >= reference - 0.01).all() and accuracy.mean() >= reference.mean() - 0.005)
+
+
 def _recipe_changes(text: str) -> dict[str, Any]:
     """``"optim=adamw,lr=0.003"`` -> ``{"optim": "adamw", "lr": 0.003}`` (numbers, ``none``, true/false parsed)."""
     changes: dict[str, Any] = {}
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--former-default", action="store_true", help="also run version 0.2's default and compare each (b) with it"
     )
+    parser.add_argument("--cold", action="store_true", help="time (a) in a cold process (no untimed run of it first)")
     parser.add_argument("--json")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
@@ -152,10 +162,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nets = {name: models[name] for name in pair}
     paper = ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4)
     layers = {"layers": dict.fromkeys(pair, args.layers.split(","))} if args.layers else {}
-    results = [run_setting("a-paper", nets, pair, train, test, paper, out, device, **layers)]
+
+    def run(name: str, recipe: ms.Recipe, **options: Any) -> dict[str, Any]:
+        return run_setting(name, nets, pair, train, test, recipe, out, device, **options)
+
+    warmup = None
+    if not args.cold:  # a process's first study is slower, whatever its recipe: (a) once, untimed, before any timing
+        warmup = run("a-paper-warmup", paper, **layers)["seconds"]
+        shutil.rmtree(out / "a-paper-warmup")
+    results = [run("a-paper", paper, **layers)]
     for seed in [int(x) for x in args.reference_seeds.split(",") if x]:
-        results.append(run_setting(f"a-paper-seed{seed}", nets, pair, train, test, paper.replace(seed=seed), out,
-                                   device, **layers))  # fmt: skip
+        results.append(run(f"a-paper-seed{seed}", paper.replace(seed=seed), **layers))
     fast = {"share_suffix": True, **layers} if args.fast_options or args.share_suffix else layers
     # (b) trains every stitch all its epochs unless --patience says otherwise (the quick preset stops early)
     default = preset.recipe.replace(patience=None, min_delta=0.0)
@@ -172,31 +189,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name = f"b-default-{epochs}ep" + (f"-lr{lr:g}" if args.lrs else "")
         name += f"-patience{patience}" if patience is not None else ""
         name += f"-delta{args.min_delta:g}" if patience is not None and args.min_delta else ""
-        results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
+        results.append(run(name, recipe, **fast))
         ran[name] = recipe
     if args.former_default:
         recipe = default.replace(**FORMER_DEFAULT)
-        results.append(run_setting("r-default-0.2", nets, pair, train, test, recipe, out, device, **layers))
+        results.append(run("r-default-0.2", recipe, **layers))
     for changes in args.candidate:
         recipe = default.replace(**changes)
         name = "b-" + ",".join(f"{k}={v}" for k, v in changes.items())
-        results.append(run_setting(name, nets, pair, train, test, recipe, out, device, **fast))
+        results.append(run(name, recipe, **fast))
     seeds = [int(x) for x in args.seeds.split(",") if x]
     if seeds:  # the default at seed 0 (run above when --epochs and --lrs include its own), then at each seed
         same = [r for r in results if ran.get(r["setting"]) == default]
-        own = same[0] if same else run_setting("s-default-seed0", nets, pair, train, test, default, out, device, **fast)
+        own = same[0] if same else run("s-default-seed0", default, **fast)
         if not same:
             results.append(own)
         for seed in seeds:
-            results.append(run_setting(f"s-default-seed{seed}", nets, pair, train, test, default.replace(seed=seed),
-                                       out, device, **fast))  # fmt: skip
+            results.append(run(f"s-default-seed{seed}", default.replace(seed=seed), **fast))
     base = np.array(results[0]["accuracy"])
     for r in results[1:]:
         acc = np.array(r["accuracy"])
         r["worst_cell_vs_a"] = float((acc - base).min())
         r["worst_cell"] = r["cell_names"][int((acc - base).argmin())]
         r["mean_vs_a"] = float(acc.mean() - base.mean())
-        r["matches_a"] = bool((acc >= base - 0.01).all() and acc.mean() >= base.mean() - 0.005)
+        r["matches_a"] = _matches(acc, base)
         r["time_ratio"] = r["seconds"] / results[0]["seconds"]
     seed_runs = [r for r in results if r["setting"].startswith("s-default-seed") and r["recipe_seed"] != 0]
     for r in seed_runs:
@@ -220,6 +236,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         and r["mean_vs_a"] >= -0.005
     ]  # fmt: skip
     fastest_within = min(within, key=lambda r: r["seconds"]) if within else None
+    # the default's seeds against (a)'s, cell by cell on their means: the 1-point rule with less of the draw in it
+    seed_means = None
+    if seeds and references:
+        a_mean = np.mean([r["accuracy"] for r in [results[0], *references]], axis=0)
+        b_mean = np.mean([r["accuracy"] for r in [own, *seed_runs]], axis=0)
+        gap = b_mean - a_mean
+        seed_means = {
+            "a_seeds": [r["recipe_seed"] for r in [results[0], *references]],
+            "b_seeds": [r["recipe_seed"] for r in [own, *seed_runs]],
+            "worst_cell_vs_a": float(gap.min()),
+            "worst_cell": results[0]["cell_names"][int(gap.argmin())],
+            "mean_vs_a": float(gap.mean()),
+            "matches_a": _matches(b_mean, a_mean),
+        }
     columns = ["seconds", "mean accuracy", "worst cell vs (a)", "worst cell", "mean vs (a)", "matches (a)"]
     columns.append("time / (a)")
     columns += ["worst cell vs 0.2's default", "that cell"] if former is not None else []
@@ -240,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "pair": list(pair),
+        "warmup_seconds": warmup,
         "results": results,
         "fastest_match": None if fastest is None else fastest["setting"],
         "fastest_time_ratio": None if fastest is None else fastest["time_ratio"],
@@ -248,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fastest_within_seed_spread_time_ratio": None if fastest_within is None else fastest_within["time_ratio"],
         "default_seed_spread": min((r["worst_cell_vs_default"] for r in seed_runs), default=None),
         "default_matches_by_seed": {str(r["recipe_seed"]): r["matches_a"] for r in [own, *seed_runs]} if seeds else {},
+        "default_seed_means": seed_means,
     }
     print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
     if spread is not None:
@@ -262,6 +294,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"the default (b) with another seed: worst cell {summary['default_seed_spread']:+.3f} against its seed 0; "
             "matches (a) by seed:",
             summary["default_matches_by_seed"],
+        )
+    if seed_means is not None:
+        print(
+            f"the default's mean over seeds {seed_means['b_seeds']} against (a)'s over {seed_means['a_seeds']}: worst "
+            f"cell {seed_means['worst_cell_vs_a']:+.3f} ({seed_means['worst_cell']}), mean "
+            f"{seed_means['mean_vs_a']:+.3f}, matches: {seed_means['matches_a']}"
         )
     if args.json:
         ms.core.write_text(args.json, json.dumps(summary, indent=1))

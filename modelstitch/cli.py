@@ -691,10 +691,13 @@ def _runnable_others(samples: int = 5, interval: float = 0.02) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    if hasattr(args, "threads"):
+    if hasattr(args, "threads"):  # a command that trains or evaluates
         import torch
 
+        from .core import keep_freed_memory
+
         torch.set_num_threads(args.threads if args.threads is not None else _free_cores(torch.get_num_threads()))
+        keep_freed_memory()
     try:
         status = args.func(args)
     except StitchError as err:

@@ -90,6 +90,19 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     gap = np.array(other["accuracy"]) - np.array(own["accuracy"])
     assert other["worst_cell_vs_default"] == pytest.approx(gap.min()) == summary["default_seed_spread"]
     assert summary["default_matches_by_seed"] == {"0": own["matches_a"], "1": other["matches_a"]}
+    # with both: the default's mean over its seeds against (a)'s mean over its seeds, cell by cell
+    a_mean = (np.array(summary["results"][0]["accuracy"]) + np.array(summary["results"][1]["accuracy"])) / 2
+    b_mean = (np.array(own["accuracy"]) + np.array(other["accuracy"])) / 2
+    means = summary["default_seed_means"]
+    assert means["a_seeds"] == [0, 1] and means["b_seeds"] == [0, 1]
+    assert means["worst_cell_vs_a"] == pytest.approx((b_mean - a_mean).min())
+    assert means["worst_cell"] == own["cell_names"][int((b_mean - a_mean).argmin())]
+    assert means["mean_vs_a"] == pytest.approx(b_mean.mean() - a_mean.mean())
+    expected = bool((b_mean >= a_mean - 0.01).all() and b_mean.mean() >= a_mean.mean() - 0.005)
+    assert means["matches_a"] is expected
+    # (a) ran once untimed before anything was timed, and left no folder behind
+    assert _positive_finite(summary["warmup_seconds"])
+    assert not (tmp_path / "runs" / "a-paper-warmup").exists() and (tmp_path / "runs" / "a-paper").is_dir()
     # 0.2's default is a reference, not a candidate; every setting's worst cell against it is measured
     former = summary["results"][3]
     assert former["recipe"].startswith("Recipe(lr=0.01, momentum=0.9") and "epochs=4" in former["recipe"]

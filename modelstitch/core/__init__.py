@@ -4,11 +4,13 @@ Everything here works on a plain ``nn.Module`` and knows nothing of stitches:
 `parse_address` and `list_layers` name layers, `capture`/`activations` record
 their outputs with hooks that live only inside a call, `layer_specs` probes
 shapes once, `prefix`/`suffix` split a network at a layer, `frozen` holds
-networks in eval mode without ``requires_grad``, and the batch helpers turn a
-caller's data into ``(inputs, labels)`` batches.
+networks in eval mode without ``requires_grad``, the batch helpers turn a
+caller's data into ``(inputs, labels)`` batches, and `keep_freed_memory` stops
+the C allocator from handing each batch's memory back to the system.
 """
 
 from ._address import INPUT, Address, list_layers, missing_call_error, parse_address, repeated_call_error
+from ._allocator import keep_freed_memory
 from ._batches import BatchFn, as_loader, batch_rows, is_batch_list, iterate_batches, loader, split_batch, to_device
 from ._capture import Activations, activations, capture
 from ._checkpoint import load_checkpoint, save_checkpoint
@@ -66,6 +68,7 @@ __all__ = [
     "frozen",
     "integer",
     "is_batch_list",
+    "keep_freed_memory",
     "iterate_batches",
     "layer_specs",
     "layout_of",

@@ -26,8 +26,8 @@ class Recipe:
     """How to train: initialisation, optimiser, schedule, selection, numerics and seed.
 
     The defaults reach the stitch recipe of Hernandez et al. (`Recipe.paper`)
-    cell by cell, within that recipe's own seed-to-seed spread, in about 0.4
-    of its time (docs/performance.md, "Batch 32"): each linear stitch
+    cell by cell, within that recipe's own seed-to-seed spread, in 0.44 to
+    0.46 of its time (docs/performance.md, "A warm process"): each linear stitch
     starts from its least-squares fit (``init="lstsq"``) and its gradient is
     whitened by its input's second moments (``precondition=True``); then one
     epoch of SGD with momentum 0.5 at learning rate 0.125 (batch 32), weight
