@@ -29,7 +29,7 @@ def keep_freed_memory() -> bool:
     memory to the system below `TRIM_THRESHOLD` (2 GiB), for the whole
     process (``mallopt``). Measured on CIFAR-10 (docs/performance.md, "A
     warm process"): the paper's recipe on 30 cells took 24% less time in a
-    new process and 5% less in a warm one, the default recipe 9% less; peak
+    new process and 5.5% less in a warm one, the default recipe 9% less; peak
     memory rose by 1%. The command line does this for every command that
     trains or evaluates; call it once at the start of your own scripts.
 
