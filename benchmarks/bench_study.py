@@ -239,12 +239,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the default's seeds against (a)'s, cell by cell on their means: the 1-point rule with less of the draw in it
     seed_means = None
     if seeds and references:
-        a_mean = np.mean([r["accuracy"] for r in [results[0], *references]], axis=0)
-        b_mean = np.mean([r["accuracy"] for r in [own, *seed_runs]], axis=0)
+        a_runs, b_runs = [results[0], *references], [own, *seed_runs]
+        a_mean = np.mean([r["accuracy"] for r in a_runs], axis=0)
+        b_mean = np.mean([r["accuracy"] for r in b_runs], axis=0)
         gap = b_mean - a_mean
         seed_means = {
-            "a_seeds": [r["recipe_seed"] for r in [results[0], *references]],
-            "b_seeds": [r["recipe_seed"] for r in [own, *seed_runs]],
+            "a_seeds": [r["recipe_seed"] for r in a_runs],
+            "b_seeds": [r["recipe_seed"] for r in b_runs],
             "worst_cell_vs_a": float(gap.min()),
             "worst_cell": results[0]["cell_names"][int(gap.argmin())],
             "mean_vs_a": float(gap.mean()),
