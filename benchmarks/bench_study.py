@@ -10,8 +10,10 @@ candidate *matches* when every cell is at most 1 point below (a) and the mean at
 names the fastest match and its time as a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other
 seeds: how far (a) is from itself (its worst cell and mean against seed 0's, and whether it "matches" by the
 same rule) tells how much of a candidate's gap is the seed; ``--seeds`` does the same for the default
-recipe (b), which is then held to the rule once per seed (a seed is not a candidate); with both, the default's
-mean over its seeds is held to the rule against (a)'s mean over its seeds, cell by cell. ``--former-default`` also
+recipe (b), which is then held to the rule once per seed (a seed is not a candidate), and for every
+``--candidate``; with both, the mean over a setting's seeds is held to the rule against (a)'s mean over its
+seeds, cell by cell (``seed_means``; ``fastest_seed_mean_match`` names the fastest setting that passes, its time
+the mean over its seeds against (a)'s). ``--former-default`` also
 runs version 0.2's default recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15% held
 out) and reports each candidate's worst cell against it: a cell where (a) is low can regress without (a)
 showing it. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per setting. Every setting is
@@ -90,6 +92,22 @@ def run_setting(
 def _matches(accuracy: np.ndarray, reference: np.ndarray) -> bool:
     """The 1-point rule: no cell more than 1 point below ``reference``, the mean at most 0.5 point below."""
     return bool((accuracy >= reference - 0.01).all() and accuracy.mean() >= reference.mean() - 0.005)
+
+
+def _seed_means(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The 1-point rule on the mean over ``b_runs``' seeds against the mean over ``a_runs``', cell by cell."""
+    a_mean = np.mean([r["accuracy"] for r in a_runs], axis=0)
+    b_mean = np.mean([r["accuracy"] for r in b_runs], axis=0)
+    gap = b_mean - a_mean
+    return {
+        "a_seeds": [r["recipe_seed"] for r in a_runs],
+        "b_seeds": [r["recipe_seed"] for r in b_runs],
+        "worst_cell_vs_a": float(gap.min()),
+        "worst_cell": a_runs[0]["cell_names"][int(gap.argmin())],
+        "mean_vs_a": float(gap.mean()),
+        "matches_a": _matches(b_mean, a_mean),
+        "time_ratio": float(np.mean([r["seconds"] for r in b_runs]) / np.mean([r["seconds"] for r in a_runs])),
+    }
 
 
 def _recipe_changes(text: str) -> dict[str, Any]:
@@ -194,18 +212,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.former_default:
         recipe = default.replace(**FORMER_DEFAULT)
         results.append(run("r-default-0.2", recipe, **layers))
+    candidates: dict[str, ms.Recipe] = {}
     for changes in args.candidate:
         recipe = default.replace(**changes)
         name = "b-" + ",".join(f"{k}={v}" for k, v in changes.items())
         results.append(run(name, recipe, **fast))
+        candidates[name] = recipe
     seeds = [int(x) for x in args.seeds.split(",") if x]
+    # each setting with seeds: its seed-0 run, then one run per seed ("s-" runs are not candidates themselves)
+    with_seeds: dict[str, list[dict[str, Any]]] = {}
     if seeds:  # the default at seed 0 (run above when --epochs and --lrs include its own), then at each seed
         same = [r for r in results if ran.get(r["setting"]) == default]
         own = same[0] if same else run("s-default-seed0", default, **fast)
         if not same:
             results.append(own)
+        with_seeds[own["setting"]] = [own]
         for seed in seeds:
-            results.append(run(f"s-default-seed{seed}", default.replace(seed=seed), **fast))
+            with_seeds[own["setting"]].append(run(f"s-default-seed{seed}", default.replace(seed=seed), **fast))
+        for name, recipe in candidates.items():
+            with_seeds[name] = [next(r for r in results if r["setting"] == name)]
+            for seed in seeds:
+                with_seeds[name].append(run(f"s-{name[2:]}-seed{seed}", recipe.replace(seed=seed), **fast))
+        results += [r for runs in with_seeds.values() for r in runs[1:]]
     base = np.array(results[0]["accuracy"])
     for r in results[1:]:
         acc = np.array(r["accuracy"])
@@ -214,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["mean_vs_a"] = float(acc.mean() - base.mean())
         r["matches_a"] = _matches(acc, base)
         r["time_ratio"] = r["seconds"] / results[0]["seconds"]
-    seed_runs = [r for r in results if r["setting"].startswith("s-default-seed") and r["recipe_seed"] != 0]
+    seed_runs = with_seeds[own["setting"]][1:] if seeds else []
     for r in seed_runs:
         gap = np.array(r["accuracy"]) - np.array(own["accuracy"])
         r["worst_cell_vs_default"] = float(gap.min())
@@ -236,21 +264,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         and r["mean_vs_a"] >= -0.005
     ]  # fmt: skip
     fastest_within = min(within, key=lambda r: r["seconds"]) if within else None
-    # the default's seeds against (a)'s, cell by cell on their means: the 1-point rule with less of the draw in it
-    seed_means = None
-    if seeds and references:
-        a_runs, b_runs = [results[0], *references], [own, *seed_runs]
-        a_mean = np.mean([r["accuracy"] for r in a_runs], axis=0)
-        b_mean = np.mean([r["accuracy"] for r in b_runs], axis=0)
-        gap = b_mean - a_mean
-        seed_means = {
-            "a_seeds": [r["recipe_seed"] for r in a_runs],
-            "b_seeds": [r["recipe_seed"] for r in b_runs],
-            "worst_cell_vs_a": float(gap.min()),
-            "worst_cell": results[0]["cell_names"][int(gap.argmin())],
-            "mean_vs_a": float(gap.mean()),
-            "matches_a": _matches(b_mean, a_mean),
-        }
+    # each setting's seeds against (a)'s, cell by cell on their means: the 1-point rule with less of the draw in it
+    all_means = {}
+    if references:
+        all_means = {name: _seed_means([results[0], *references], runs) for name, runs in with_seeds.items()}
+    seed_means = all_means.get(own["setting"]) if seeds else None
+    mean_matches = [name for name, m in all_means.items() if m["matches_a"]]
+    fastest_mean = min(mean_matches, key=lambda name: all_means[name]["time_ratio"]) if mean_matches else None
     columns = ["seconds", "mean accuracy", "worst cell vs (a)", "worst cell", "mean vs (a)", "matches (a)"]
     columns.append("time / (a)")
     columns += ["worst cell vs 0.2's default", "that cell"] if former is not None else []
@@ -281,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "default_seed_spread": min((r["worst_cell_vs_default"] for r in seed_runs), default=None),
         "default_matches_by_seed": {str(r["recipe_seed"]): r["matches_a"] for r in [own, *seed_runs]} if seeds else {},
         "default_seed_means": seed_means,
+        "seed_means": all_means,
+        "fastest_seed_mean_match": fastest_mean,
+        "fastest_seed_mean_match_time_ratio": None if fastest_mean is None else all_means[fastest_mean]["time_ratio"],
     }
     print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
     if spread is not None:
@@ -296,12 +319,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "matches (a) by seed:",
             summary["default_matches_by_seed"],
         )
-    if seed_means is not None:
+    for name, m in all_means.items():
         print(
-            f"the default's mean over seeds {seed_means['b_seeds']} against (a)'s over {seed_means['a_seeds']}: worst "
-            f"cell {seed_means['worst_cell_vs_a']:+.3f} ({seed_means['worst_cell']}), mean "
-            f"{seed_means['mean_vs_a']:+.3f}, matches: {seed_means['matches_a']}"
+            f"{name}, mean over seeds {m['b_seeds']} against (a)'s over {m['a_seeds']}: worst cell "
+            f"{m['worst_cell_vs_a']:+.3f} ({m['worst_cell']}), mean {m['mean_vs_a']:+.3f}, matches: {m['matches_a']}, "
+            f"time / (a) {m['time_ratio']:.2f}"
         )
+    if all_means:
+        ratio = summary["fastest_seed_mean_match_time_ratio"]
+        print("fastest setting whose seed mean matches (a)'s:", fastest_mean, "time ratio", ratio)
     if args.json:
         ms.core.write_text(args.json, json.dumps(summary, indent=1))
     return summary

@@ -73,7 +73,7 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     names = [r["setting"] for r in summary["results"]]
     assert names == [
         "a-paper", "a-paper-seed1", "b-default-0.5ep", "r-default-0.2", "b-optim=adamw,lr=0.003,weight_decay=0",
-        "s-default-seed0", "s-default-seed1",
+        "s-default-seed0", "s-default-seed1", "s-optim=adamw,lr=0.003,weight_decay=0-seed1",
     ]  # fmt: skip
     for r in summary["results"]:
         assert r["cells"] == 4 and _positive_finite(r["seconds"]) and _positive_finite(r["peak_rss_mib"])
@@ -85,7 +85,7 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     for key in ("fastest_match", "fastest_within_seed_spread"):
         assert summary[key] in (None, names[2], names[4])  # a seed of the default is not a candidate
     # --seeds: the default recipe (one epoch; --epochs 0.5 did not run it) at seed 0, then at seed 1, against it
-    own, other = summary["results"][5:]
+    own, other, candidate_seed1 = summary["results"][5:]
     assert own["recipe_seed"] == 0 and other["recipe_seed"] == 1 and "epochs=1," in own["recipe"]
     gap = np.array(other["accuracy"]) - np.array(own["accuracy"])
     assert other["worst_cell_vs_default"] == pytest.approx(gap.min()) == summary["default_seed_spread"]
@@ -100,6 +100,18 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     assert means["mean_vs_a"] == pytest.approx(b_mean.mean() - a_mean.mean())
     expected = bool((b_mean >= a_mean - 0.01).all() and b_mean.mean() >= a_mean.mean() - 0.005)
     assert means["matches_a"] is expected
+    secs = [r["seconds"] for r in summary["results"]]
+    assert means["time_ratio"] == pytest.approx((secs[5] + secs[6]) / (secs[0] + secs[1]))
+    # --seeds runs every --candidate at those seeds too, and holds its seed mean to the same rule
+    assert "seed=1)" in candidate_seed1["recipe"] and "optim='adamw'" in candidate_seed1["recipe"]
+    assert summary["seed_means"]["s-default-seed0"] == means
+    theirs = summary["seed_means"][names[4]]
+    c_mean = (np.array(summary["results"][4]["accuracy"]) + np.array(candidate_seed1["accuracy"])) / 2
+    assert theirs["worst_cell_vs_a"] == pytest.approx((c_mean - a_mean).min())
+    assert theirs["time_ratio"] == pytest.approx((secs[4] + secs[7]) / (secs[0] + secs[1]))
+    passed = [name for name, m in summary["seed_means"].items() if m["matches_a"]]
+    fastest = min(passed, key=lambda name: summary["seed_means"][name]["time_ratio"]) if passed else None
+    assert summary["fastest_seed_mean_match"] == fastest
     # (a) ran once untimed before anything was timed, and left no folder behind
     assert _positive_finite(summary["warmup_seconds"])
     assert not (tmp_path / "runs" / "a-paper-warmup").exists() and (tmp_path / "runs" / "a-paper").is_dir()

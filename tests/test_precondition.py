@@ -171,3 +171,54 @@ def test_the_too_few_steps_warning_counts_whitened_and_plain_steps_apart(init, p
         kind = "whitened" if (init, precondition) == ("lstsq", True) else "plain"
         floor = ms.train.MIN_WHITENED_STEPS if kind == "whitened" else ms.train.MIN_STEPS
         assert any(f"below {floor} {kind} steps" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.3, 10.0])
+def test_a_damped_step_is_the_gradient_times_the_inverse_of_the_damped_moments(damping):
+    """By hand: ``G (M + δ mean(diag M) I)⁻¹`` for the gradient ``G = [∂W | ∂b]`` of a 1x1 convolution stitch."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 6, 4, 4, generator=g) * torch.tensor([0.5, 1.0, 2.0, 1.0, 3.0, 0.2])[:, None, None]
+    target = torch.randn(64, 4, 4, 4, generator=g)
+    stitch = make_stitch((6, 4, 4), (4, 4, 4))
+    _moments(stitch, x, target)
+    F.mse_loss(stitch(x), target).backward()
+    w, b = stitch.linear.weight, stitch.linear.bias
+    grad = torch.cat([w.grad.reshape(4, 6), b.grad[:, None]], dim=1).double()
+    m = stitch.input_moments.double()
+    expected = grad @ torch.linalg.inv(m + damping * m.diagonal().mean() * torch.eye(7, dtype=torch.float64))
+    Preconditioner([stitch], CPU, damping=[damping])()
+    assert torch.allclose(w.grad.reshape(4, 6).double(), expected[:, :6], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(b.grad.double(), expected[:, 6], rtol=1e-4, atol=1e-6)
+
+
+def test_one_damping_per_stitch_or_none():
+    s = make_stitch((6,), (4,))
+    with pytest.raises(ValueError, match="2 dampings for 1 stitches"):
+        Preconditioner([s], CPU, damping=[0.1, 0.2])
+    with pytest.raises(ms.StitchError, match=r"upsampled_damping must be a finite number >= 0, got -0\.1"):
+        ms.Recipe(upsampled_damping=-0.1)
+
+
+@pytest.mark.filterwarnings("ignore:.*optimiser steps")
+def test_only_stitches_that_upsample_by_4_take_the_upsampled_damping():
+    """R1111 ``layer3.0`` (8x8) -> R1211 ``layer1.0`` (32x32) upsamples by 4: `Recipe.upsampled_damping` changes its
+    training; ``layer2.0`` -> ``layer2.0`` (no upsampling), trained in the same pass, ends bit for bit the same."""
+    sender = zoo.small_resnet("R1111", width=4).eval()
+    receiver = zoo.small_resnet("R1211", width=4).eval()
+    digits = Subset(data.digits(), range(256))
+    example = torch.stack([digits[i][0] for i in range(2)])
+
+    def trained(upsampled_damping: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        models = [
+            ms.stitch(sender, a, receiver, b, example_input=example)
+            for a, b in [("layer3.0", "layer1.0"), ("layer2.0", "layer2.0")]
+        ]
+        assert [m.stitch.upsample for m in models] == [4, 1]
+        recipe = ms.Recipe(holdout=0, batch_size=32, upsampled_damping=upsampled_damping)
+        ms.train_stitches(models, digits, recipe=recipe, device=CPU, progress=False)
+        return [m.stitch.linear.weight.detach().clone() for m in models]
+
+    default, undamped = trained(ms.Recipe().upsampled_damping), trained(ms.train.DAMPING)
+    assert not torch.allclose(default[0], undamped[0], atol=1e-4)
+    assert torch.equal(default[1], undamped[1])

@@ -75,9 +75,10 @@ def test_paper_recipe_is_the_papers_and_the_default_differs_from_it_only_in_the_
     assert (paper.init, paper.holdout, paper.lr, paper.batch_size, paper.epochs) == ("random", 0.0, 0.01, 256, 4)
     assert (paper.momentum, paper.weight_decay, paper.warmup, paper.base_batch_size) == (0.9, 0.01, 0.1, 256)
     assert (paper.upsampled_epochs_factor, paper.upsampled_lr_factor) == (1.0, 1.0)
+    assert paper.upsampled_damping == ms.train.DAMPING  # every stitch alike (and its steps are plain anyway)
     assert (paper.precondition, paper.optim) == (False, "sgd")
     changed = ("lr", "momentum", "batch_size", "base_batch_size", "epochs", "warmup", "upsampled_epochs_factor")
-    changed += ("upsampled_lr_factor",)
+    changed += ("upsampled_lr_factor", "upsampled_damping")
     changed += ("init", "precondition", "holdout")
     assert ms.Recipe().replace(**{name: getattr(paper, name) for name in changed}) == paper
     assert all(getattr(ms.Recipe(), name) != getattr(paper, name) for name in changed)

@@ -11,7 +11,7 @@ from ._cache import ActivationCache
 from ._evaluate import evaluate, evaluate_stitches, stitching_penalty
 from ._loop import StepLosses, optimise, total_steps
 from ._plan import OBJECTIVES, LossFn, Plan, kl_to
-from ._precondition import Preconditioner
+from ._precondition import DAMPING, Preconditioner
 from ._recipe import UPSAMPLED, Recipe
 from ._scores import SCORES, score_stitches
 from ._select import MIN_HOLDOUT, RISING, RISING_Z, BestEpoch, holdout_size, holdout_split
@@ -19,6 +19,7 @@ from ._task import IGNORE_INDEX, Task, cross_entropy, logits_of, task_of
 from ._train import MIN_STEPS, MIN_WHITENED_STEPS, Objective, TrainResult, train_stitch, train_stitches
 
 __all__ = [
+    "DAMPING",
     "IGNORE_INDEX",
     "MIN_HOLDOUT",
     "MIN_STEPS",

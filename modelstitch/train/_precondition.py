@@ -23,7 +23,8 @@ class Preconditioner:
     or tokens), the gradient ``G = [∂W | ∂b]`` ``[out, d]`` becomes
     ``G (M + δ I)⁻¹``, where ``M = E[x̃ x̃ᵀ]`` ``[d, d]`` is the second-moment
     matrix of ``x̃ = [x, 1]`` that the least-squares pass measured
-    (`Stitch.input_moments`) and ``δ`` is `DAMPING` times its mean diagonal.
+    (`Stitch.input_moments`) and ``δ`` is the stitch's damping (`DAMPING`
+    unless given; `Recipe.damping_for`) times its mean diagonal.
     This is gradient descent in whitened input coordinates (the input-side
     factor of K-FAC): a step moves every direction of the input equally,
     however the sender scales and correlates its channels. Stitches of other
@@ -32,6 +33,9 @@ class Preconditioner:
     Args:
         stitches: the stitches being trained, in the optimiser's order.
         device: where their gradients live.
+        damping: one damping per stitch, relative to the mean diagonal of its
+            moments (a larger one moves the step towards the plain gradient,
+            scaled); ``None``: `DAMPING` for every stitch.
 
     Examples:
         >>> from modelstitch.stitches import LeastSquares, make_stitch
@@ -45,9 +49,13 @@ class Preconditioner:
         torch.Size([2, 2, 1, 1])
     """
 
-    def __init__(self, stitches: Sequence[Stitch], device: torch.device) -> None:
+    def __init__(
+        self, stitches: Sequence[Stitch], device: torch.device, damping: Sequence[float] | None = None
+    ) -> None:
+        if damping is not None and len(damping) != len(stitches):
+            raise ValueError(f"Preconditioner: {len(damping)} dampings for {len(stitches)} stitches; give one each")
         self.layers: list[tuple[nn.Conv2d | nn.Linear, torch.Tensor]] = []
-        for stitch in stitches:
+        for stitch, delta in zip(stitches, damping if damping is not None else [DAMPING] * len(stitches)):
             layer, moments = stitch.linear, stitch.input_moments
             if layer is None or moments is None:
                 continue
@@ -58,7 +66,7 @@ class Preconditioner:
                     f"{tuple(moments.shape)}, not ({rows}, {rows}); fit its least squares again"
                 )
             m = moments.to(device=device, dtype=torch.float64)
-            m = m + DAMPING * m.diagonal().mean().clamp_min(1e-12) * torch.eye(rows, dtype=m.dtype, device=device)
+            m = m + delta * m.diagonal().mean().clamp_min(1e-12) * torch.eye(rows, dtype=m.dtype, device=device)
             self.layers.append((layer, torch.linalg.inv(m).to(layer.weight.dtype)))
 
     def __len__(self) -> int:

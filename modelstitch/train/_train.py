@@ -259,7 +259,12 @@ def train_stitches(
                 raise StitchError("the training data yields no batches (fewer samples than one batch with drop_last?)")
         start_stitches([m for m in models if m.init == "auto"], data, recipe=recipe, device=dev, batch_fn=batch_fn)
         # whitened steps for the stitches that started from least squares (it measured their input moments)
-        precondition = Preconditioner([m.stitch for m in models], dev) if recipe.precondition else None
+        stitches = [m.stitch for m in models]
+        precondition = (
+            Preconditioner(stitches, dev, damping=[recipe.damping_for(s) for s in stitches])
+            if recipe.precondition
+            else None
+        )
         total = total_steps(recipe.epochs, steps_per_epoch)
         floor, kind, measured = _STEP_FLOORS[precondition is not None and len(precondition) == len(models)]
         if total < floor:
@@ -272,7 +277,6 @@ def train_stitches(
                 stacklevel=3,
             )
 
-        stitches = [m.stitch for m in models]
         select = None
         if holdout is not None:
             select = BestEpoch(
