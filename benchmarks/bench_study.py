@@ -212,12 +212,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.former_default:
         recipe = default.replace(**FORMER_DEFAULT)
         results.append(run("r-default-0.2", recipe, **layers))
-    candidates: dict[str, ms.Recipe] = {}
+    candidates: list[tuple[dict[str, Any], ms.Recipe, str]] = []  # seed-0 run, recipe, prefix of its seed runs
     for changes in args.candidate:
         recipe = default.replace(**changes)
-        name = "b-" + ",".join(f"{k}={v}" for k, v in changes.items())
-        results.append(run(name, recipe, **fast))
-        candidates[name] = recipe
+        name = ",".join(f"{k}={v}" for k, v in changes.items())
+        results.append(run(f"b-{name}", recipe, **fast))
+        candidates.append((results[-1], recipe, f"s-{name}"))
     seeds = [int(x) for x in args.seeds.split(",") if x]
     # each setting with seeds: its seed-0 run, then one run per seed ("s-" runs are not candidates themselves)
     with_seeds: dict[str, list[dict[str, Any]]] = {}
@@ -226,13 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         own = same[0] if same else run("s-default-seed0", default, **fast)
         if not same:
             results.append(own)
-        with_seeds[own["setting"]] = [own]
-        for seed in seeds:
-            with_seeds[own["setting"]].append(run(f"s-default-seed{seed}", default.replace(seed=seed), **fast))
-        for name, recipe in candidates.items():
-            with_seeds[name] = [next(r for r in results if r["setting"] == name)]
-            for seed in seeds:
-                with_seeds[name].append(run(f"s-{name[2:]}-seed{seed}", recipe.replace(seed=seed), **fast))
+        for first, recipe, prefix in [(own, default, "s-default"), *candidates]:
+            later = [run(f"{prefix}-seed{seed}", recipe.replace(seed=seed), **fast) for seed in seeds]
+            with_seeds[first["setting"]] = [first, *later]
         results += [r for runs in with_seeds.values() for r in runs[1:]]
     base = np.array(results[0]["accuracy"])
     for r in results[1:]:
