@@ -1,30 +1,32 @@
 """Time to accuracy: the paper's recipe from random init against faster settings, on a fixed set of cells.
 
-For a fixed set of cells (every cell of one ordered pair of small ResNets), it trains and evaluates the cells
-as a `Study` does, once with (a) the paper's recipe from random initialisation, then with each candidate (b):
-the default recipe (least-squares start, best epoch on held-out data) for each candidate number of epochs,
-learning rate and ``patience`` (each stitch stops once its held-out accuracy stalls), with the options the
-GPU path uses (``share_suffix``, bf16 autocast, channels-last) where asked, and any other candidate recipe
-given with ``--candidate`` (fields of the preset's recipe to change, e.g. ``optim=adamw,lr=0.003``). A
-candidate *matches* when every cell is at most 1 point below (a) and the mean at most 0.5 below; the report
-names the fastest match and its time as a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other
-seeds: how far (a) is from itself (its worst cell and mean against seed 0's, and whether it "matches" by the
-same rule) tells how much of a candidate's gap is the seed; ``--seeds`` does the same for the default
-recipe (b), which is then held to the rule once per seed (a seed is not a candidate), and for every
-``--candidate``; with both, the mean over a setting's seeds is held to the rule against (a)'s mean over its
-seeds, cell by cell (``seed_means``; ``fastest_seed_mean_match`` names the fastest setting that passes, its time
-the mean over its seeds against (a)'s). ``--former-default`` also
-runs version 0.2's default recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15% held
-out) and reports each candidate's worst cell against it: a cell where (a) is low can regress without (a)
+For a fixed set of cells (every cell of one ordered pair of small ResNets), it trains and evaluates the cells as
+a `Study` does, once with (a) the paper's recipe from random initialisation, then with each candidate (b): the
+default recipe (least-squares start, best epoch on held-out data) for each candidate number of epochs, learning
+rate and ``patience`` (each stitch stops once its held-out accuracy stalls), with the options the GPU path uses
+(bf16 autocast, channels-last) where asked, and any other candidate recipe given with ``--candidate`` (fields of
+the preset's recipe to change, e.g. ``optim=adamw,lr=0.003``). Every (b) runs with the preset's ``share_suffix``
+(on for both presets; ``--no-share-suffix`` turns it off), (a) without it. A candidate *matches* when every cell
+is at most 1 point below (a) and the mean at most 0.5 below; the report names the fastest match and its time as
+a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other seeds: how far (a) is from itself (its
+worst cell and mean against seed 0's, and whether it "matches" by the same rule) tells how much of a candidate's
+gap is the seed; ``--seeds`` does the same for the default recipe (b), which is then held to the rule once per
+seed (a seed is not a candidate), and for every ``--candidate``; with both, the mean over a setting's seeds is
+held to the rule against (a)'s mean over its seeds, cell by cell (``seed_means``; ``fastest_seed_mean_match``
+names the fastest setting that passes, its time the mean over its seeds against (a)'s). ``--former-default``
+also runs version 0.2's default recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15%
+held out) and reports each candidate's worst cell against it: a cell where (a) is low can regress without (a)
 showing it. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per setting. Every setting is
 timed in a warm process: (a) runs once untimed first (``--cold`` skips that), since a process's first study is
-slower whatever its recipe (docs/performance.md, "A warm process").
+slower whatever its recipe (docs/performance.md, "A warm process"); and, as the command line does, with glibc's
+malloc told to keep freed memory (`modelstitch.core.keep_freed_memory`; ``keep_freed_memory`` in the JSON says
+whether it applied).
 
 Usage::
 
     python benchmarks/bench_study.py [--device cpu|cuda|auto] [--json PATH] [--data digits|cifar10]
         [--data-root DIR] [--limit N] [--pair R1111,R1211] [--epochs 0.5,1,2] [--lrs 0.01,0.05]
-        [--patience 1,2] [--min-delta 0.01] [--share-suffix] [--fast-options] [--threads N]
+        [--patience 1,2] [--min-delta 0.01] [--no-share-suffix] [--fast-options] [--threads N]
         [--candidate optim=adamw,lr=0.003 ...] [--reference-seeds 1,2] [--seeds 1,2,3] [--former-default]
         [--cold]
 
@@ -141,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--min-delta", type=float, help="Recipe(min_delta=...) for the candidates with a patience")
     parser.add_argument("--fast-options", action="store_true", help="share_suffix, bf16 autocast, channels-last")
-    parser.add_argument("--share-suffix", action="store_true", help="share_suffix alone")
+    parser.add_argument(
+        "--no-share-suffix", action="store_true", help="every (b) without the preset's share_suffix (what it saves)"
+    )
     parser.add_argument("--out", default="runs/bench-study")
     parser.add_argument(
         "--candidate", action="append", default=[], type=_recipe_changes,
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = ms.core.keep_freed_memory()  # as the command line does for every command that trains
     device = str(ms.core.resolve_device(args.device))
     preset = PRESETS["quick" if args.data == "digits" else "cifar-small"]
     out = Path(args.out)
@@ -191,7 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = [run("a-paper", paper, **layers)]
     for seed in [int(x) for x in args.reference_seeds.split(",") if x]:
         results.append(run(f"a-paper-seed{seed}", paper.replace(seed=seed), **layers))
-    fast = {"share_suffix": True, **layers} if args.fast_options or args.share_suffix else layers
+    # (b) runs as the preset's study does (share_suffix on both presets); (a) without it, as in version 0.4's
+    # tables (at batch 64 it changes (a)'s time by less than that moves between runs: docs/performance.md)
+    fast = {"share_suffix": args.fast_options or (preset.share_suffix and not args.no_share_suffix), **layers}
     # (b) trains every stitch all its epochs unless --patience says otherwise (the quick preset stops early)
     default = preset.recipe.replace(patience=None, min_delta=0.0)
     lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [default.lr]
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "pair": list(pair),
         "warmup_seconds": warmup,
+        "keep_freed_memory": allocator,
         "results": results,
         "fastest_match": None if fastest is None else fastest["setting"],
         "fastest_time_ratio": None if fastest is None else fastest["time_ratio"],

@@ -10,8 +10,8 @@ R1111 -> R1211 is trained three ways:
   for with ``Study(score_start=True)``).
 - ``plain``: the quick preset's recipe with plain SGD steps (``precondition=False``).
 - ``default``: the quick preset's recipe, the default ``Recipe()``: least-squares init, SGD steps whitened by
-  the stitch input's second moments, one epoch (two for a stitch that upsamples by 4 or more), the state with
-  the best accuracy on the training data held out.
+  the stitch input's second moments, three quarters of an epoch (one and a half for a stitch that upsamples by
+  4 or more), the state with the best accuracy on the training data held out.
 
 It prints a Markdown table (one row per cell) with summary rows, the seconds each setting took, and the
 training-loss curves of the self-stitch cells, and writes them to ``--json`` and a figure to ``--figure``.

@@ -568,8 +568,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--paper-recipe",
         action="store_true",
-        help="the paper's exact stitch recipe: random init, 4 epochs, last state kept (default: least squares, one "
-        "epoch, the state of lowest held-out loss)",
+        help="the paper's exact stitch recipe: random init, 4 epochs, last state kept (default: least squares, three "
+        "quarters of an epoch, the state of lowest held-out loss)",
     )
     run.add_argument(
         "--precision",

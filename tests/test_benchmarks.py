@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import modelstitch as ms
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -84,9 +86,9 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     assert summary["reference_worst_cell"] == summary["results"][1]["worst_cell_vs_a"]
     for key in ("fastest_match", "fastest_within_seed_spread"):
         assert summary[key] in (None, names[2], names[4])  # a seed of the default is not a candidate
-    # --seeds: the default recipe (one epoch; --epochs 0.5 did not run it) at seed 0, then at seed 1, against it
+    # --seeds: the default recipe (0.75 epochs; --epochs 0.5 did not run it) at seed 0, then at seed 1, against it
     own, other, candidate_seed1 = summary["results"][5:]
-    assert own["recipe_seed"] == 0 and other["recipe_seed"] == 1 and "epochs=1," in own["recipe"]
+    assert own["recipe_seed"] == 0 and other["recipe_seed"] == 1 and "epochs=0.75," in own["recipe"]
     gap = np.array(other["accuracy"]) - np.array(own["accuracy"])
     assert other["worst_cell_vs_default"] == pytest.approx(gap.min()) == summary["default_seed_spread"]
     assert summary["default_matches_by_seed"] == {"0": own["matches_a"], "1": other["matches_a"]}
@@ -114,6 +116,12 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     assert summary["fastest_seed_mean_match"] == fastest
     # (a) ran once untimed before anything was timed, and left no folder behind
     assert _positive_finite(summary["warmup_seconds"])
+    assert summary["keep_freed_memory"] is ms.core.keep_freed_memory()  # as the command line runs, where it can
+    # (a) runs without the preset's share_suffix, every (b) with it
+    assert all("share_suffix" not in r["options"] for r in summary["results"] if r["setting"].startswith("a-"))
+    assert {r["options"].get("share_suffix") for r in summary["results"] if r["setting"].startswith(("b-", "s-"))} == {
+        "True"
+    }
     assert not (tmp_path / "runs" / "a-paper-warmup").exists() and (tmp_path / "runs" / "a-paper").is_dir()
     # 0.2's default is a reference, not a candidate; every setting's worst cell against it is measured
     former = summary["results"][3]

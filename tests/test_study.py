@@ -147,7 +147,7 @@ def test_rerun_of_a_finished_study_trains_nothing(trained_pair):
         # every recipe field is recorded, defaults too: a default that changed between versions is named
         (
             lambda pair: {"recipe": pair.recipe.replace(upsampled_lr_factor=1)},
-            r"different study: recipe\.upsampled_lr_factor was 0\.4, now 1\. Use another",
+            r"different study: recipe\.upsampled_lr_factor was 0\.6, now 1\. Use another",
         ),
     ],
     ids=["seed", "a recipe default"],

@@ -6,7 +6,7 @@ receiver into a `StitchedModel`; `LeastSquares`/`fit_least_squares` give a
 linear stitch its closed-form initialisation.
 """
 
-from ._lstsq import LeastSquares, fit_least_squares, fit_least_squares_all
+from ._lstsq import JointLeastSquares, LeastSquares, fit_least_squares, fit_least_squares_all
 from ._modules import (
     STITCH_KINDS,
     MapToTokens,
@@ -23,6 +23,7 @@ from ._tokens import TokenLayout, token_layout
 
 __all__ = [
     "STITCH_KINDS",
+    "JointLeastSquares",
     "LeastSquares",
     "MapToTokens",
     "Resize",

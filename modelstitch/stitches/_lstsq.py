@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from ._modules import Stitch
 if TYPE_CHECKING:
     from ._stitched import StitchedModel
 
-__all__ = ["LeastSquares", "fit_least_squares", "fit_least_squares_all"]
+__all__ = ["JointLeastSquares", "LeastSquares", "fit_least_squares", "fit_least_squares_all"]
 
 
 class LeastSquares:
@@ -65,7 +66,8 @@ class LeastSquares:
         self.rows = 0
 
     def design(self, provided: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of inputs ``[R, d_in]`` and targets ``[R, d_out]`` for the core's linear layer.
+        """Rows of inputs ``[R, d_in]`` (with a column of ones for the bias) and targets ``[R, d_out]`` for the
+        core's linear layer: what `update` adds to the normal equations.
 
         A 1x1 conv core after a nearest upsampling by ``f`` sees each input
         pixel ``f x f`` times; its rows here are the pixels before the
@@ -73,6 +75,13 @@ class LeastSquares:
         gives the same normal equations divided by ``f²`` (`update` multiplies
         them back), for ``f²`` times fewer rows.
         """
+        x, y = self._rows(provided, expected)
+        if self.bias:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        return x, y
+
+    def _rows(self, provided: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`design` without the column of ones (`update` adds the bias's sums itself, without copying the rows)."""
         f = self.stitch.upsample
         with torch.no_grad():
             x = self.stitch.before_upsample(provided)
@@ -81,16 +90,17 @@ class LeastSquares:
                 y = F.avg_pool2d(y, f)
         if isinstance(self.layer, nn.Conv2d):
             k = self.stitch.kernel
-            if k > 1:
-                x = F.unfold(x, kernel_size=k, stride=k).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
-            else:  # one row per pixel; unfold would only copy
-                x = x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
-            y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+            b, c, h, w = x.shape
+            if k > 1:  # non-overlapping k x k patches, each flattened in the weight's (channel, row, column) order
+                h, w = h // k, w // k
+                x = x[:, :, : h * k, : w * k].reshape(b, c, h, k, w, k).permute(0, 2, 4, 1, 3, 5)
+            else:  # one row per pixel
+                x = x.permute(0, 2, 3, 1)
+            x = x.reshape(-1, c * k * k)
+            y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
         else:
             x = x.reshape(-1, x.shape[-1])
             y = y.reshape(-1, y.shape[-1])
-        if self.bias:
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         # one dtype for both: bf16 and half rise to float32, and float64 in either stays float64
         dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
         return x.to(dtype), y.to(dtype)
@@ -101,17 +111,24 @@ class LeastSquares:
         ``mask`` ``[B, T]`` (bool, see `position_mask`) keeps only those positions' rows of a
         tokens-to-tokens stitch whose core sees the positions one to one.
         """
-        x, y = self.design(provided, expected)
+        x, y = self._rows(provided, expected)
         if mask is not None and self.stitch.core_layout == "tokens" and x.shape[0] == y.shape[0] == mask.numel():
             keep = mask.reshape(-1).to(x.device)
             x, y = x[keep], y[keep]
         repeats = self.stitch.upsample**2  # each row of an upsampled input stands for f² rows
+        d = x.shape[1]
         if self.xtx is None:
-            self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self.xty = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
+            self.xtx = torch.zeros(d + self.bias, d + self.bias, dtype=torch.float64, device=x.device)
+            self.xty = torch.zeros(d + self.bias, y.shape[1], dtype=torch.float64, device=x.device)
         with _full_float32():
-            self.xtx.add_(x.T @ x, alpha=repeats)
-            self.xty.add_(x.T @ y, alpha=repeats)
+            self.xtx[:d, :d].add_(_gram(x), alpha=repeats)
+            self.xty[:d].add_(x.T @ y, alpha=repeats)
+        if self.bias:  # the column of ones: XᵀX's last row and column, Xᵀy's last row (column sums)
+            sums = x.sum(0)  # a float32 cascade sum: as accurate as the products, a tenth of float64's cost
+            self.xtx[:d, d].add_(sums, alpha=repeats)
+            self.xtx[d, :d].add_(sums, alpha=repeats)
+            self.xtx[d, d] += x.shape[0] * repeats
+            self.xty[d].add_(y.sum(0), alpha=repeats)
         self.rows += x.shape[0] * repeats
 
     def record_moments(self) -> None:
@@ -149,6 +166,28 @@ class LeastSquares:
             self.layer.weight.copy_(weight.reshape(self.layer.weight.shape).to(self.layer.weight))
             if bias is not None:
                 self.layer.bias.copy_(bias.to(self.layer.bias))
+
+
+_GRAM_BLOCKS = 4
+"""`_gram` computes the blocks on and above the diagonal of this many column blocks (10 of 16: 5/8 of the work)."""
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``XᵀX`` ``[d, d]`` of rows ``x`` ``[R, d]``, its lower blocks copied from the upper ones (it is symmetric).
+
+    For ``d`` of 256 or more (a strided stitch's patches: 1,024 inputs for 8x8 patches of 16 channels) the
+    products are most of a least-squares pass; below that one product is as fast.
+    """
+    d = x.shape[1]
+    if d < 256:
+        return x.T @ x
+    edges = [d * i // _GRAM_BLOCKS for i in range(_GRAM_BLOCKS + 1)]
+    gram = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for start, end in itertools.pairwise(edges):
+        block = x[:, start:end].T @ x[:, start:]  # rows start:end, columns start: (on and right of the diagonal)
+        gram[start:end, start:] = block
+        gram[start:, start:end] = block.T
+    return gram
 
 
 @contextlib.contextmanager
@@ -245,30 +284,75 @@ def fit_least_squares_all(
     Returns:
         The number of regression rows of the first fitted stitch (0 if none is linear).
     """
-    linear = [m for m in models if m.stitch.linear is not None]
-    if not linear:
+    fit = JointLeastSquares(models, device, positions)
+    if not fit.fits:
         return 0
-    dev = resolve_device(device)
-    for m in linear:
-        m.to(dev)
-    fits = [LeastSquares(m.stitch) for m in linear]
-    senders = list({m.sender_prefix.key: m.sender_prefix for m in linear}.values())
-    receivers = list({m.receiver_prefix.key: m.receiver_prefix for m in linear}.values())
     loader = as_loader(data, batch_size=batch_size, shuffle=False, what="least-squares data")
-    batches = iterate_batches(loader, dev, batch_fn, what=what)
+    batches = iterate_batches(loader, fit.device, batch_fn, what=what)
     with contextlib.ExitStack() as stack:
-        for m in linear:
+        for m in fit.linear:
             stack.enter_context(m.frozen())
         for i, (x, _) in enumerate(tqdm(batches, desc="lstsq", disable=not progress, leave=False)):
             if max_batches is not None and i >= max_batches:
                 break
-            reps = prefix_outputs(senders, x)
-            with torch.autocast(device_type=dev.type, enabled=False):  # targets in full precision
-                reps.update(prefix_outputs(receivers, x))
-            for fit, m in zip(fits, linear):
-                provided, expected = reps[m.sender_prefix.key].float(), reps[m.receiver_prefix.key].float()
-                fit.update(provided, expected, position_mask(x, [expected, provided], positions))
-    for fit, m in zip(fits, linear):
-        fit.solve(ridge)
-        m.init = "lstsq"  # fitted: a later train_stitch starts from here
-    return fits[0].rows
+            fit.update(x)
+    return fit.solve(ridge)
+
+
+class JointLeastSquares:
+    """The least-squares pass of `fit_least_squares_all`, fed one batch at a time.
+
+    Each batch runs every sender and receiver once for all the layers the
+    cells need (`prefix_outputs`), and each linear stitch adds the batch to
+    its own normal equations (`LeastSquares`). A pass over the data made for
+    another reason can feed it: `train_stitches` fills its activation cache
+    and fits the starts in the same pass, handing over the senders'
+    activations it computed.
+
+    Args:
+        models: stitched models; stitches of other kinds than linear are left out.
+        device: where to run (the models are moved there).
+        positions: which token positions enter the fit besides unpadded
+            ones (see `Positions`).
+    """
+
+    def __init__(
+        self, models: Sequence[StitchedModel], device: str | torch.device | None, positions: Positions | None = None
+    ) -> None:
+        self.linear = [m for m in models if m.stitch.linear is not None]
+        self.device = resolve_device(device)
+        for m in self.linear:
+            m.to(self.device)
+        self.fits = [LeastSquares(m.stitch) for m in self.linear]
+        self.senders = list({m.sender_prefix.key: m.sender_prefix for m in self.linear}.values())
+        self.receivers = list({m.receiver_prefix.key: m.receiver_prefix for m in self.linear}.values())
+        self.positions = positions
+
+    @torch.no_grad()
+    def update(self, x: Any, provided: dict[str, torch.Tensor] | None = None) -> None:
+        """Add one batch of inputs ``x``.
+
+        Args:
+            x: a batch of inputs, on `device`.
+            provided: the senders' activations of ``x``, keyed by prefix key
+                (`prefix_outputs`), where the caller has them; computed here
+                otherwise. They must be those of the numerics the fit wants
+                (no autocast): the receivers' targets always are.
+        """
+        reps = dict(provided) if provided is not None else prefix_outputs(self.senders, x)
+        with torch.autocast(device_type=self.device.type, enabled=False):  # targets in full precision
+            reps.update(prefix_outputs(self.receivers, x))
+        for fit, m in zip(self.fits, self.linear):
+            given, expected = reps[m.sender_prefix.key].float(), reps[m.receiver_prefix.key].float()
+            fit.update(given, expected, position_mask(x, [expected, given], self.positions))
+
+    def solve(self, ridge: float = 1e-4) -> int:
+        """Solve every stitch's system (`LeastSquares.solve`) and mark it started (``init="lstsq"``).
+
+        Returns:
+            The number of regression rows of the first stitch (0 if none is linear).
+        """
+        for fit, m in zip(self.fits, self.linear):
+            fit.solve(ridge)
+            m.init = "lstsq"  # fitted: a later train_stitch starts from here
+        return self.fits[0].rows if self.fits else 0

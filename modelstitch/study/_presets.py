@@ -67,6 +67,13 @@ class Preset:
         test_limit: test samples used unless the run asks for another number.
         names: the networks' names (default: their architecture's, ``"R1211"``).
         seq_len: tokens per sequence (language models).
+        share_suffix: the study's ``share_suffix`` (cells into one receiver
+            layer run its suffix once per step, on their stitch outputs
+            concatenated): on for ``quick`` and ``cifar-small``, whose cells
+            it trains faster at the default's batch of 32 on a 2-core CPU,
+            with the same results (docs/performance.md, "Sharing the
+            suffix"); off elsewhere, unmeasured (it holds a whole receiver
+            layer's cells' activations at once).
     """
 
     name: str
@@ -84,6 +91,7 @@ class Preset:
     test_limit: int | None = None
     names: tuple[str, ...] | None = None
     seq_len: int = 64
+    share_suffix: bool = False
 
     @property
     def language(self) -> bool:
@@ -112,6 +120,7 @@ PRESETS: dict[str, Preset] = {
             paper_recipe=Recipe.paper(lr=0.01, batch_size=64, base_batch_size=64),
             pairs="cross",
             max_pairs=1,  # like the paper's figure: one trained pair and its random control
+            share_suffix=True,
         ),
         Preset(
             "cifar-small",
@@ -126,6 +135,7 @@ PRESETS: dict[str, Preset] = {
             pairs="cross",
             limit=4000,
             test_limit=2000,
+            share_suffix=True,
         ),
         Preset(
             "lm-quick",
@@ -479,6 +489,7 @@ def build_preset_study(
         seed=seed,
         device=dev,
         measures=options.measures,
+        share_suffix=preset.share_suffix,
         **extra,
     )
     record = {"name": name, "dataset": preset.dataset, **dataclasses.asdict(options)}

@@ -588,7 +588,9 @@ class Study:
             out[cell] = m.eval()
         return out
 
-    def _build_pair(self, a: str, b: str, objective: str) -> list[tuple[Cell, StitchedModel]]:
+    def _build_pair(self, a: str, b: str, objective: str, init: str | None = None) -> list[tuple[Cell, StitchedModel]]:
+        """The pair's cells, each stitch seeded and started as ``init`` says (by default: at random when the study
+        fits least squares itself, else at the study's start)."""
         sender, receiver = self.models[a].to(self.device), self.models[b].to(self.device)
         example = to_device(self.example_input, self.device)  # a tensor, or a dict of them (a HuggingFace batch)
         specs_a = self._specs(sender, a, example)
@@ -605,7 +607,7 @@ class Study:
                     specs_b[cell.receiver_layer],
                     suffixes[cell.receiver_layer],
                     kind=self.kind,
-                    init="random" if self.init == "lstsq" else self.init,
+                    init=init or ("random" if self.init == "lstsq" else self.init),
                 )
             built.append((cell, stitched))
         return built
@@ -642,7 +644,9 @@ class Study:
         ]
 
     def _stitch_pair(self, a: str, b: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-        built = self._build_pair(a, b, self.objective)
+        # least-squares starts are fitted by training (in the pass that fills its cache), unless they are scored first
+        fitted_in_training = self.init == "lstsq" and not self.score_start
+        built = self._build_pair(a, b, self.objective, init="auto" if fitted_in_training else None)
         cells = [cell for cell, _ in built]
         stitched = [m for _, m in built]
         start = time.perf_counter()
@@ -650,17 +654,17 @@ class Study:
         if self.objective == "task":
             train, held = holdout_split(train, self.recipe.holdout, seed=self.recipe.seed)
         init_results = None
-        if self.init == "lstsq":
+        if self.init == "lstsq" and self.score_start:
             fit_least_squares_all(
                 stitched, train, batch_size=self.eval_batch_size, device=self.device, positions=self.recipe.positions
             )
-            init_results = self._evaluate(stitched) if self.score_start else None
+            init_results = self._evaluate(stitched)
         results = train_stitches(
             stitched,
             train,
             holdout=held,
             objective=self.objective,  # type: ignore[arg-type]
-            recipe=self.recipe,
+            recipe=self.recipe.replace(init="lstsq") if fitted_in_training else self.recipe,
             device=self.device,
             progress=False,
             cache=self.cache,

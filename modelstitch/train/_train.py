@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .._errors import StitchError, StitchWarning
 from ..core import BatchFn, as_loader, batch_rows, is_batch_list, iterate_batches, resolve_device, split_batch
-from ..stitches import StitchedModel, fit_least_squares_all, identity_
+from ..stitches import JointLeastSquares, StitchedModel, fit_least_squares_all, identity_
 from ._cache import ActivationCache
 from ._loop import optimise, total_steps
 from ._plan import OBJECTIVES, LossFn, Plan
@@ -40,6 +40,9 @@ __all__ = [
     "train_stitch",
     "train_stitches",
 ]
+
+_FIT_BATCH = 256
+"""Samples per batch of the least-squares pass (and of a cache fill from a Dataset, which makes that pass)."""
 
 Objective = Literal["task", "mse", "kl"]
 
@@ -175,7 +178,9 @@ def train_stitches(
         progress: show a tqdm progress bar.
         cache: compute the frozen senders' activations (and the inputs and
             labels) once, then train from the cache. Right only when the data
-            has no random augmentation.
+            has no random augmentation. From a Dataset the same pass fits
+            the least-squares starts (`JointLeastSquares`), so without
+            autocast each sample runs through its senders once.
         memory_budget: bytes of cache to keep in memory (on ``device``);
             the rest goes to memory-mapped files in a temporary directory.
         cache_dtype: store cached activations in this floating dtype (e.g.
@@ -184,10 +189,14 @@ def train_stitches(
         num_workers: DataLoader workers when ``data`` is a Dataset.
         share_suffix: run the receiver's suffix once per step for all models
             that stitch into the same receiver layer, on their stitch outputs
-            concatenated along the batch. Results are the same either way; on
-            2 CPU cores the concatenated batch was measured about a third slower
-            (see the performance page), so it is off by default. It may pay
-            off on a GPU, where larger batches use the device better.
+            concatenated along the batch. Results are the same either way.
+            On 2 CPU cores it made the default recipe's batches of 32 faster
+            on the small ResNets of the ``quick`` and ``cifar-small`` presets
+            (which turn it on), and the paper recipe's batches of 64 by less
+            than their time moves between runs (docs/performance.md, "Sharing
+            the suffix"); it holds the
+            activations of all the layer's models at once, so it is off by
+            default.
         holdout: data to choose each stitch's best epoch on (``task``
             objective only); by default, with ``recipe.holdout > 0``, that
             share of ``data`` is split off (see `holdout_split`) and not
@@ -224,16 +233,18 @@ def train_stitches(
         m.to(dev)
         if recipe.uses_channels_last(dev):
             m.to(memory_format=torch.channels_last)
-    # the cache holds every sample (its batches are drawn later); live training drops each epoch's last partial batch
+    # the cache holds every sample (its batches are drawn later), filled from a Dataset in batches as large as the
+    # least-squares pass's, which it makes too; live training drops each epoch's last partial batch
+    fills_dataset = cache and splittable(data)
     loader = as_loader(
         data,
-        batch_size=recipe.batch_size,
+        batch_size=max(_FIT_BATCH, recipe.batch_size) if fills_dataset else recipe.batch_size,
         shuffle=not cache,
         seed=recipe.seed,
         num_workers=num_workers,
         drop_last=not cache,
     )
-    batch_size = getattr(loader, "batch_size", None) or recipe.batch_size
+    batch_size = recipe.batch_size if fills_dataset else getattr(loader, "batch_size", None) or recipe.batch_size
     if batch_size != recipe.batch_size:
         recipe = recipe.replace(batch_size=batch_size)
     plan = Plan(models, objective, loss_fn, share_suffix, positions=recipe.positions)
@@ -244,9 +255,14 @@ def train_stitches(
             stack.enter_context(m.frozen())
             stack.callback(m.stitch.eval)  # stitches are left in eval mode, trained or not
         if cache:
+            # the least-squares starts are fitted in the pass that fills the cache (from a Dataset, in its order)
+            starts = [m for m in models if m.init == "auto"] if fills_dataset and recipe.init == "lstsq" else []
+            fit = JointLeastSquares(starts, dev, recipe.positions) if starts else None
             store = stack.enter_context(
-                _fill_cache(plan, loader, dev, batch_fn, memory_budget, progress, recipe, cache_dtype)
+                _fill_cache(plan, loader, dev, batch_fn, memory_budget, progress, recipe, cache_dtype, fit)
             )
+            if fit is not None:
+                fit.solve()
             batches = _cached_batches(plan, store, recipe)
             steps_per_epoch = store.rows // recipe.batch_size if store.rows > recipe.batch_size else 1
         else:
@@ -400,7 +416,7 @@ def start_stitches(
             stacklevel=4,
         )
     if recipe.init == "lstsq" and linear:
-        batch_size = max(256, recipe.batch_size)
+        batch_size = max(_FIT_BATCH, recipe.batch_size)
         fit_least_squares_all(
             linear,
             data,
@@ -427,7 +443,10 @@ def _fill_cache(
     progress: bool,
     recipe: Recipe,
     dtype: torch.dtype | None = None,
+    fit: JointLeastSquares | None = None,
 ) -> Iterator[ActivationCache]:
+    """Run the frozen computations over ``loader`` once into an `ActivationCache`; feed ``fit`` the same batches
+    (the senders' activations it gets where they are computed without autocast, as the fit wants them)."""
     dataset = getattr(loader, "dataset", None)
     try:
         if is_batch_list(loader):  # ready-made batches: count their samples
@@ -444,6 +463,8 @@ def _fill_cache(
         for x, y in tqdm(batches, desc="cache", disable=not progress, leave=False):
             with recipe.autocast(dev):
                 rows = {**plan.frozen_outputs(x)}
+            if fit is not None:
+                fit.update(x, None if recipe.uses_amp(dev) else rows)
             if y is not None:
                 rows["y"] = y
             if plan.needs_input or isinstance(x, dict):  # token ids and masks are small; labels come from them
