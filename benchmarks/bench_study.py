@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.append(run(f"a-paper-seed{seed}", paper.replace(seed=seed), **layers))
     # (b) runs as the preset's study does (share_suffix on both presets); (a) without it, as in version 0.4's
     # tables (at batch 64 it changes (a)'s time by less than that moves between runs: docs/performance.md)
-    fast = {"share_suffix": args.fast_options or (preset.share_suffix and not args.no_share_suffix), **layers}
+    b_options = {"share_suffix": args.fast_options or (preset.share_suffix and not args.no_share_suffix), **layers}
     # (b) trains every stitch all its epochs unless --patience says otherwise (the quick preset stops early)
     default = preset.recipe.replace(patience=None, min_delta=0.0)
     lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [default.lr]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name = f"b-default-{epochs}ep" + (f"-lr{lr:g}" if args.lrs else "")
         name += f"-patience{patience}" if patience is not None else ""
         name += f"-delta{args.min_delta:g}" if patience is not None and args.min_delta else ""
-        results.append(run(name, recipe, **fast))
+        results.append(run(name, recipe, **b_options))
         ran[name] = recipe
     if args.former_default:
         recipe = default.replace(**FORMER_DEFAULT)
@@ -223,18 +223,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for changes in args.candidate:
         recipe = default.replace(**changes)
         name = ",".join(f"{k}={v}" for k, v in changes.items())
-        results.append(run(f"b-{name}", recipe, **fast))
+        results.append(run(f"b-{name}", recipe, **b_options))
         candidates.append((results[-1], recipe, f"s-{name}"))
     seeds = [int(x) for x in args.seeds.split(",") if x]
     # each setting with seeds: its seed-0 run, then one run per seed ("s-" runs are not candidates themselves)
     with_seeds: dict[str, list[dict[str, Any]]] = {}
     if seeds:  # the default at seed 0 (run above when --epochs and --lrs include its own), then at each seed
         same = [r for r in results if ran.get(r["setting"]) == default]
-        own = same[0] if same else run("s-default-seed0", default, **fast)
+        own = same[0] if same else run("s-default-seed0", default, **b_options)
         if not same:
             results.append(own)
         for first, recipe, prefix in [(own, default, "s-default"), *candidates]:
-            later = [run(f"{prefix}-seed{seed}", recipe.replace(seed=seed), **fast) for seed in seeds]
+            later = [run(f"{prefix}-seed{seed}", recipe.replace(seed=seed), **b_options) for seed in seeds]
             with_seeds[first["setting"]] = [first, *later]
         results += [r for runs in with_seeds.values() for r in runs[1:]]
     base = np.array(results[0]["accuracy"])

@@ -334,14 +334,21 @@ class JointLeastSquares:
 
         Args:
             x: a batch of inputs, on `device`.
-            provided: the senders' activations of ``x``, keyed by prefix key
-                (`prefix_outputs`), where the caller has them; computed here
-                otherwise. They must be those of the numerics the fit wants
-                (no autocast): the receivers' targets always are.
+            provided: activations of ``x`` keyed by prefix key
+                (`prefix_outputs`), where the caller has them: the senders',
+                and any receiver layer's among them (a self-pair's, or the
+                "mse" objective's targets) serves as a target too; computed
+                here otherwise. They must be those of the numerics the fit
+                wants (no autocast): the receivers' targets always are.
         """
-        reps = dict(provided) if provided is not None else prefix_outputs(self.senders, x)
-        with torch.autocast(device_type=self.device.type, enabled=False):  # targets in full precision
-            reps.update(prefix_outputs(self.receivers, x))
+        if provided is None:
+            reps, targets = prefix_outputs(self.senders, x), self.receivers
+        else:
+            reps = dict(provided)
+            targets = [p for p in self.receivers if p.key not in reps]
+        if targets:
+            with torch.autocast(device_type=self.device.type, enabled=False):  # targets in full precision
+                reps.update(prefix_outputs(targets, x))
         for fit, m in zip(self.fits, self.linear):
             given, expected = reps[m.sender_prefix.key].float(), reps[m.receiver_prefix.key].float()
             fit.update(given, expected, position_mask(x, [expected, given], self.positions))

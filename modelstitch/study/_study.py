@@ -645,8 +645,8 @@ class Study:
 
     def _stitch_pair(self, a: str, b: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
         # least-squares starts are fitted by training (in the pass that fills its cache), unless they are scored first
-        fitted_in_training = self.init == "lstsq" and not self.score_start
-        built = self._build_pair(a, b, self.objective, init="auto" if fitted_in_training else None)
+        lstsq = self.init == "lstsq"
+        built = self._build_pair(a, b, self.objective, init="auto" if lstsq else None)
         cells = [cell for cell, _ in built]
         stitched = [m for _, m in built]
         start = time.perf_counter()
@@ -654,7 +654,7 @@ class Study:
         if self.objective == "task":
             train, held = holdout_split(train, self.recipe.holdout, seed=self.recipe.seed)
         init_results = None
-        if self.init == "lstsq" and self.score_start:
+        if lstsq and self.score_start:  # fitted here, so training keeps these starts
             fit_least_squares_all(
                 stitched, train, batch_size=self.eval_batch_size, device=self.device, positions=self.recipe.positions
             )
@@ -664,7 +664,7 @@ class Study:
             train,
             holdout=held,
             objective=self.objective,  # type: ignore[arg-type]
-            recipe=self.recipe.replace(init="lstsq") if fitted_in_training else self.recipe,
+            recipe=self.recipe.replace(init="lstsq") if lstsq else self.recipe,
             device=self.device,
             progress=False,
             cache=self.cache,

@@ -27,14 +27,15 @@ class Recipe:
     """How to train: initialisation, optimiser, schedule, selection, numerics and seed.
 
     The defaults reach the stitch recipe of Hernandez et al. (`Recipe.paper`)
-    cell by cell, within that recipe's own seed-to-seed spread, in 0.44 to
-    0.46 of its time (docs/performance.md, "A warm process"): each linear stitch
-    starts from its least-squares fit (``init="lstsq"``) and its gradient is
-    whitened by its input's second moments (``precondition=True``); then one
-    epoch of SGD with momentum 0.5 at learning rate 0.125 (batch 32), weight
-    decay 0.01, 30% linear warmup and cosine decay to zero; a stitch that
-    upsamples its input by 4 or more per side (a deep sender into an early
-    receiver layer) trains twice as long at 0.4 times the rate, its whitened
+    cell by cell, over four seeds against its two, in 0.32 to 0.34 of its
+    time (docs/performance.md, "A third of the paper's time"): each linear
+    stitch starts from its least-squares fit (``init="lstsq"``) and its
+    gradient is whitened by its input's second moments
+    (``precondition=True``); then three quarters of an epoch of SGD with
+    momentum 0.5 at learning rate 0.125 (batch 32), weight decay 0.01, 30%
+    linear warmup and cosine decay to zero; a stitch that upsamples its input
+    by 4 or more per side (a deep sender into an early receiver layer) trains
+    twice as long at 0.6 times the rate, its whitened
     steps damped by 0.3 of its moments' mean diagonal instead of 0.001
     (``upsampled_epochs_factor``, ``upsampled_lr_factor``,
     ``upsampled_damping``); and

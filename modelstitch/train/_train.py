@@ -194,9 +194,8 @@ def train_stitches(
             on the small ResNets of the ``quick`` and ``cifar-small`` presets
             (which turn it on), and the paper recipe's batches of 64 by less
             than their time moves between runs (docs/performance.md, "Sharing
-            the suffix"); it holds the
-            activations of all the layer's models at once, so it is off by
-            default.
+            the suffix"); it holds the activations of all the layer's models
+            at once, so it is off by default.
         holdout: data to choose each stitch's best epoch on (``task``
             objective only); by default, with ``recipe.holdout > 0``, that
             share of ``data`` is split off (see `holdout_split`) and not
