@@ -1,26 +1,27 @@
 """Time to accuracy: the paper's recipe from random init against faster settings, on a fixed set of cells.
 
-For a fixed set of cells (every cell of one ordered pair of small ResNets), it trains and evaluates the cells as
-a `Study` does, once with (a) the paper's recipe from random initialisation, then with each candidate (b): the
+For a fixed set of cells (every cell of one ordered pair of small ResNets), it trains and evaluates the cells as a
+`Study` does, once with (a) the paper's recipe from random initialisation, then with each candidate (b): the
 default recipe (least-squares start, best epoch on held-out data) for each candidate number of epochs, learning
 rate and ``patience`` (each stitch stops once its held-out accuracy stalls), with the options the GPU path uses
 (bf16 autocast, channels-last) where asked, and any other candidate recipe given with ``--candidate`` (fields of
-the preset's recipe to change, e.g. ``optim=adamw,lr=0.003``). Every (b) runs with the preset's ``share_suffix``
-(on for both presets; ``--no-share-suffix`` turns it off), (a) without it. A candidate *matches* when every cell
-is at most 1 point below (a) and the mean at most 0.5 below; the report names the fastest match and its time as
-a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other seeds: how far (a) is from itself (its
-worst cell and mean against seed 0's, and whether it "matches" by the same rule) tells how much of a candidate's
-gap is the seed; ``--seeds`` does the same for the default recipe (b), which is then held to the rule once per
-seed (a seed is not a candidate), and for every ``--candidate``; with both, the mean over a setting's seeds is
-held to the rule against (a)'s mean over its seeds, cell by cell (``seed_means``; ``fastest_seed_mean_match``
-names the fastest setting that passes, its time the mean over its seeds against (a)'s). ``--former-default``
-also runs version 0.2's default recipe (least-squares start, whitened steps, momentum 0.9 at 0.01, 4 epochs, 15%
-held out) and reports each candidate's worst cell against it: a cell where (a) is low can regress without (a)
-showing it. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per setting. Every setting is
-timed in a warm process: (a) runs once untimed first (``--cold`` skips that), since a process's first study is
-slower whatever its recipe (docs/performance.md, "A warm process"); and, as the command line does, with glibc's
-malloc told to keep freed memory (`modelstitch.core.keep_freed_memory`; ``keep_freed_memory`` in the JSON says
-whether it applied).
+the preset's recipe to change, e.g. ``optim=adamw,lr=0.003``). Every setting, (a) and (b), runs with the preset's
+``share_suffix`` (on for both presets; ``--no-share-suffix`` turns it off); (a) runs once more without it, and the
+faster of its two runs is (a)'s time (a seed mean's (a) time is scaled by the same ratio). A candidate *matches*
+when every cell is at most 1 point below (a) and the mean at most 0.5 below; the report names the fastest match and
+its time as a fraction of (a)'s. ``--reference-seeds`` runs (a) again with other seeds: how far (a) is from itself
+(its worst cell and mean against seed 0's, and whether it "matches" by the same rule) tells how much of a
+candidate's gap is the seed; ``--seeds`` does the same for the default recipe (b), which is then held to the rule
+once per seed (a seed is not a candidate), and for every ``--candidate``; with both, the mean over a setting's
+seeds is held to the rule against (a)'s mean over its seeds, cell by cell (``seed_means``;
+``fastest_seed_mean_match`` names the fastest setting that passes, its time the mean over its seeds against (a)'s).
+``--former-default`` also runs version 0.2's default recipe (least-squares start, whitened steps, momentum 0.9 at
+0.01, 4 epochs, 15% held out) and reports each candidate's worst cell against it: a cell where (a) is low can
+regress without (a) showing it. Peak resident memory (and, on CUDA, peak allocated memory) is recorded per setting.
+Every setting is timed in a warm process: (a) runs once untimed first (``--cold`` skips that), since a process's
+first study is slower whatever its recipe (docs/performance.md, "A warm process"); and, as the command line does,
+with glibc's malloc told to keep freed memory (`modelstitch.core.keep_freed_memory`; ``keep_freed_memory`` in the
+JSON says whether it applied).
 
 Usage::
 
@@ -96,8 +97,9 @@ def _matches(accuracy: np.ndarray, reference: np.ndarray) -> bool:
     return bool((accuracy >= reference - 0.01).all() and accuracy.mean() >= reference.mean() - 0.005)
 
 
-def _seed_means(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The 1-point rule on the mean over ``b_runs``' seeds against the mean over ``a_runs``', cell by cell."""
+def _seed_means(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]], a_scale: float = 1.0) -> dict[str, Any]:
+    """The 1-point rule on the mean over ``b_runs``' seeds against the mean over ``a_runs``', cell by cell; the time
+    ratio against (a)'s mean time times ``a_scale`` (below 1 where (a) ran faster without share_suffix)."""
     a_mean = np.mean([r["accuracy"] for r in a_runs], axis=0)
     b_mean = np.mean([r["accuracy"] for r in b_runs], axis=0)
     gap = b_mean - a_mean
@@ -108,7 +110,9 @@ def _seed_means(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> d
         "worst_cell": a_runs[0]["cell_names"][int(gap.argmin())],
         "mean_vs_a": float(gap.mean()),
         "matches_a": _matches(b_mean, a_mean),
-        "time_ratio": float(np.mean([r["seconds"] for r in b_runs]) / np.mean([r["seconds"] for r in a_runs])),
+        "time_ratio": float(
+            np.mean([r["seconds"] for r in b_runs]) / (np.mean([r["seconds"] for r in a_runs]) * a_scale)
+        ),
     }
 
 
@@ -189,16 +193,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def run(name: str, recipe: ms.Recipe, **options: Any) -> dict[str, Any]:
         return run_setting(name, nets, pair, train, test, recipe, out, device, **options)
 
+    # every setting runs as the preset's study does (share_suffix on both presets): the recipes are compared under
+    # one way of running them. (a) also runs once without it, and the faster of the two is (a)'s time.
+    shared = args.fast_options or (preset.share_suffix and not args.no_share_suffix)
+    b_options = {"share_suffix": shared, **layers}
     warmup = None
     if not args.cold:  # a process's first study is slower, whatever its recipe: (a) once, untimed, before any timing
-        warmup = run("a-paper-warmup", paper, **layers)["seconds"]
+        warmup = run("a-paper-warmup", paper, **b_options)["seconds"]
         shutil.rmtree(out / "a-paper-warmup")
-    results = [run("a-paper", paper, **layers)]
+    results = [run("a-paper", paper, **b_options)]
+    unshared = run("a-paper-unshared", paper, **layers) if shared else None
     for seed in [int(x) for x in args.reference_seeds.split(",") if x]:
-        results.append(run(f"a-paper-seed{seed}", paper.replace(seed=seed), **layers))
-    # (b) runs as the preset's study does (share_suffix on both presets); (a) without it, as in version 0.4's
-    # tables (at batch 64 it changes (a)'s time by less than that moves between runs: docs/performance.md)
-    b_options = {"share_suffix": args.fast_options or (preset.share_suffix and not args.no_share_suffix), **layers}
+        results.append(run(f"a-paper-seed{seed}", paper.replace(seed=seed), **b_options))
     # (b) trains every stitch all its epochs unless --patience says otherwise (the quick preset stops early)
     default = preset.recipe.replace(patience=None, min_delta=0.0)
     lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [default.lr]
@@ -238,13 +244,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with_seeds[first["setting"]] = [first, *later]
         results += [r for runs in with_seeds.values() for r in runs[1:]]
     base = np.array(results[0]["accuracy"])
+    # (a)'s time: the faster of its runs with and without share_suffix (its cells are the same either way)
+    a_seconds = results[0]["seconds"] if unshared is None else min(results[0]["seconds"], unshared["seconds"])
     for r in results[1:]:
         acc = np.array(r["accuracy"])
         r["worst_cell_vs_a"] = float((acc - base).min())
         r["worst_cell"] = r["cell_names"][int((acc - base).argmin())]
         r["mean_vs_a"] = float(acc.mean() - base.mean())
         r["matches_a"] = _matches(acc, base)
-        r["time_ratio"] = r["seconds"] / results[0]["seconds"]
+        r["time_ratio"] = r["seconds"] / a_seconds
     seed_runs = with_seeds[own["setting"]][1:] if seeds else []
     for r in seed_runs:
         gap = np.array(r["accuracy"]) - np.array(own["accuracy"])
@@ -270,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # each setting's seeds against (a)'s, cell by cell on their means: the 1-point rule with less of the draw in it
     all_means = {}
     if references:
-        all_means = {name: _seed_means([results[0], *references], runs) for name, runs in with_seeds.items()}
+        scale = a_seconds / results[0]["seconds"]
+        all_means = {name: _seed_means([results[0], *references], runs, scale) for name, runs in with_seeds.items()}
     seed_means = all_means.get(own["setting"]) if seeds else None
     mean_matches = [name for name, m in all_means.items() if m["matches_a"]]
     fastest_mean = min(mean_matches, key=lambda name: all_means[name]["time_ratio"]) if mean_matches else None
@@ -281,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("|---" * (len(columns) + 1) + "|")
     for r in results:
         if r is results[0]:
-            extra = ["-", "-", "-", "-", "1.00"]
+            extra = ["-", "-", "-", "-", f"{r['seconds'] / a_seconds:.2f}"]
         else:
             extra = [f"{r['worst_cell_vs_a']:+.3f}", r["worst_cell"], f"{r['mean_vs_a']:+.3f}", str(r["matches_a"])]
             extra.append(f"{r['time_ratio']:.2f}")
@@ -297,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup_seconds": warmup,
         "keep_freed_memory": allocator,
         "results": results,
+        "a_unshared": unshared,
+        "a_seconds": a_seconds,
         "fastest_match": None if fastest is None else fastest["setting"],
         "fastest_time_ratio": None if fastest is None else fastest["time_ratio"],
         "reference_worst_cell": spread,
@@ -309,6 +320,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fastest_seed_mean_match": fastest_mean,
         "fastest_seed_mean_match_time_ratio": None if fastest_mean is None else all_means[fastest_mean]["time_ratio"],
     }
+    if unshared is not None:
+        same = float(np.abs(np.array(unshared["accuracy"]) - base).max())
+        print(
+            f"(a) without share_suffix: {unshared['seconds']:.1f} s against {results[0]['seconds']:.1f} s with it (its "
+            f"cells within {same:.4f}); (a)'s time is the faster, {a_seconds:.1f} s"
+        )
     print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
     if spread is not None:
         print(

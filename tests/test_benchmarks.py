@@ -102,26 +102,33 @@ def test_bench_study_compares_time_to_accuracy(tmp_path):
     assert means["mean_vs_a"] == pytest.approx(b_mean.mean() - a_mean.mean())
     expected = bool((b_mean >= a_mean - 0.01).all() and b_mean.mean() >= a_mean.mean() - 0.005)
     assert means["matches_a"] is expected
+    # (a)'s time is the faster of its runs with and without share_suffix; seed means scale (a)'s by the same ratio
     secs = [r["seconds"] for r in summary["results"]]
-    assert means["time_ratio"] == pytest.approx((secs[5] + secs[6]) / (secs[0] + secs[1]))
+    unshared = summary["a_unshared"]
+    assert summary["a_seconds"] == min(secs[0], unshared["seconds"])
+    scale = summary["a_seconds"] / secs[0]
+    assert summary["results"][2]["time_ratio"] == pytest.approx(secs[2] / summary["a_seconds"])
+    assert means["time_ratio"] == pytest.approx((secs[5] + secs[6]) / ((secs[0] + secs[1]) * scale))
     # --seeds runs every --candidate at those seeds too, and holds its seed mean to the same rule
     assert "seed=1)" in candidate_seed1["recipe"] and "optim='adamw'" in candidate_seed1["recipe"]
     assert summary["seed_means"]["s-default-seed0"] == means
     theirs = summary["seed_means"][names[4]]
     c_mean = (np.array(summary["results"][4]["accuracy"]) + np.array(candidate_seed1["accuracy"])) / 2
     assert theirs["worst_cell_vs_a"] == pytest.approx((c_mean - a_mean).min())
-    assert theirs["time_ratio"] == pytest.approx((secs[4] + secs[7]) / (secs[0] + secs[1]))
+    assert theirs["time_ratio"] == pytest.approx((secs[4] + secs[7]) / ((secs[0] + secs[1]) * scale))
     passed = [name for name, m in summary["seed_means"].items() if m["matches_a"]]
     fastest = min(passed, key=lambda name: summary["seed_means"][name]["time_ratio"]) if passed else None
     assert summary["fastest_seed_mean_match"] == fastest
     # (a) ran once untimed before anything was timed, and left no folder behind
     assert _positive_finite(summary["warmup_seconds"])
     assert summary["keep_freed_memory"] is ms.core.keep_freed_memory()  # as the command line runs, where it can
-    # (a) runs without the preset's share_suffix, every (b) with it
-    assert all("share_suffix" not in r["options"] for r in summary["results"] if r["setting"].startswith("a-"))
-    assert {r["options"].get("share_suffix") for r in summary["results"] if r["setting"].startswith(("b-", "s-"))} == {
-        "True"
-    }
+    # every (a) and (b) runs with the preset's share_suffix, and (a) once more without it, to the same cells (on 96
+    # test images a prediction that flips is a point: none did in 4 cells here)
+    assert {
+        r["options"].get("share_suffix") for r in summary["results"] if r["setting"].startswith(("a-", "b-", "s-"))
+    } == {"True"}
+    assert unshared["setting"] == "a-paper-unshared" and "share_suffix" not in unshared["options"]
+    assert unshared["accuracy"] == summary["results"][0]["accuracy"]
     assert not (tmp_path / "runs" / "a-paper-warmup").exists() and (tmp_path / "runs" / "a-paper").is_dir()
     # 0.2's default is a reference, not a candidate; every setting's worst cell against it is measured
     former = summary["results"][3]

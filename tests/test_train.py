@@ -584,6 +584,27 @@ def test_least_squares_in_float32_gives_the_float64_fit(trained, digits, sender_
     torch.testing.assert_close(stitched.stitch.input_moments, reference.input_moments, rtol=1e-5, atol=1e-6)
 
 
+def test_cells_that_read_one_sender_layer_get_the_fits_they_get_alone(trained, digits):
+    """`JointLeastSquares` multiplies a sender layer's inputs once for the cells whose conv cores of one kernel
+    read them (behind nothing or a nearest upsampling): here ``layer3.0`` (8x8) into the receiver's ``stem``
+    and ``layer2.0`` (upsampled by 4 and 2) and ``layer3.0``; its 2x2-patch cell into ``layer4.0`` and another
+    sender layer's cell are fitted on their own. Each fit is bit for bit the one the cell gets alone."""
+    tr, _ = digits
+    model = trained[0]
+    example = _example(tr)
+    layers = [("layer3.0", "stem"), ("layer3.0", "layer2.0"), ("layer3.0", "layer3.0"), ("layer3.0", "layer4.0")]
+    layers.append(("layer2.0", "stem"))
+    together = [ms.stitch(model, s, model, r, example_input=example) for s, r in layers]
+    alone = [copy.deepcopy(m) for m in together]
+    assert ms.stitches.JointLeastSquares(together, CPU).groups == [[0, 1, 2], [3], [4]]
+    ms.stitches.fit_least_squares_all(together, tr, device=CPU)
+    for m, own in zip(together, alone):
+        ms.stitches.fit_least_squares(own, tr, device=CPU)
+        for (name, got), want in zip(m.stitch.state_dict().items(), own.stitch.state_dict().values()):
+            assert torch.equal(got, want), name
+        assert torch.equal(m.stitch.input_moments, own.stitch.input_moments)
+
+
 @pytest.mark.parametrize("downsample", [False, True])
 def test_lstsq_init_recovers_the_receivers_own_layer(downsample):
     """The receiver's layer is exactly a linear map of the sender's: ``stitch(init="lstsq")`` must find it."""

@@ -35,11 +35,16 @@ def evaluate_stitches(
     recipe: Recipe | None = None,
     what: str = "the evaluation data",
     per_sample: bool = False,
+    move: bool = True,
 ) -> list[dict[str, Any]]:
     """Accuracy and mean loss of several classifiers over one pass of ``data``.
 
     Stitched models that share a sender run it once per batch for all their
-    layers. Models are moved to ``device``; modes are restored afterwards.
+    layers. Models are moved to ``device`` (with ``move=False`` they are
+    evaluated where they are: a caller that moved them once and evaluates
+    them often, as `BestEpoch` does at every check of a training run, saves
+    a walk over every module of both networks per model and call); modes
+    are restored afterwards.
     Given the ``recipe`` the stitches were trained with, the forward passes
     run in its numerics (its autocast), so evaluation sees what training saw;
     without one they run in full precision.
@@ -63,11 +68,12 @@ def evaluate_stitches(
             not fit the outputs, or no labels at all.
     """
     dev = resolve_device(device)
+    if move:
+        for m in models:
+            m.to(dev)
     loader = as_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     stitched = [m for m in models if isinstance(m, StitchedModel)]
     plain = [m for m in models if not isinstance(m, StitchedModel)]
-    for m in models:
-        m.to(dev)
     plan = Plan(stitched, "task", loss_fn) if stitched else None
     tasks = [task_of(m.receiver if isinstance(m, StitchedModel) else m) for m in models]
     loss_fns = [loss_fn or task.loss for task in tasks]

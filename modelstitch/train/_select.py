@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._errors import StitchError
-from ..core import is_batch_list
+from ..core import is_batch_list, resolve_device
 from ..stitches import StitchedModel
 from ._evaluate import evaluate_stitches
 from ._recipe import Recipe
@@ -118,7 +118,7 @@ class BestEpoch:
     a rise in accuracy of at least that much counts as an improvement for
     that count.
     Extra keywords (``loss_fn``, ``batch_fn``, ``num_workers``) go to
-    `evaluate_stitches`.
+    `evaluate_stitches`. The models are moved to ``device`` once, here.
     """
 
     def __init__(
@@ -127,12 +127,14 @@ class BestEpoch:
         held: Any,
         *,
         recipe: Recipe,
-        device: torch.device,
+        device: str | torch.device,
         batch_size: int,
         **evaluate_options: Any,
     ) -> None:
         self.models, self.held, self.recipe = list(models), held, recipe
-        self.device, self.batch_size, self.options = device, batch_size, evaluate_options
+        self.device, self.batch_size, self.options = resolve_device(device), batch_size, evaluate_options
+        for m in self.models:  # once: every check evaluates them where they are
+            m.to(self.device)
         self.best: list[tuple[float, float]] = [(-math.inf, math.inf)] * len(self.models)  # (accuracy, loss)
         self.epochs: list[float] = [0] * len(self.models)
         self.states: list[dict[str, torch.Tensor] | None] = [None] * len(self.models)
@@ -150,6 +152,7 @@ class BestEpoch:
             [self.models[i] for i in indices],
             self.held,
             device=self.device,
+            move=False,  # moved once, in __init__
             batch_size=self.batch_size,
             recipe=self.recipe,
             what="the held-out part of the training data",
