@@ -196,15 +196,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # every setting runs as the preset's study does (share_suffix on both presets): the recipes are compared under
     # one way of running them. (a) also runs once without it, and the faster of the two is (a)'s time.
     shared = args.fast_options or (preset.share_suffix and not args.no_share_suffix)
-    b_options = {"share_suffix": shared, **layers}
+    study_options = {"share_suffix": shared, **layers}
     warmup = None
     if not args.cold:  # a process's first study is slower, whatever its recipe: (a) once, untimed, before any timing
-        warmup = run("a-paper-warmup", paper, **b_options)["seconds"]
+        warmup = run("a-paper-warmup", paper, **study_options)["seconds"]
         shutil.rmtree(out / "a-paper-warmup")
-    results = [run("a-paper", paper, **b_options)]
+    results = [run("a-paper", paper, **study_options)]
     unshared = run("a-paper-unshared", paper, **layers) if shared else None
     for seed in [int(x) for x in args.reference_seeds.split(",") if x]:
-        results.append(run(f"a-paper-seed{seed}", paper.replace(seed=seed), **b_options))
+        results.append(run(f"a-paper-seed{seed}", paper.replace(seed=seed), **study_options))
     # (b) trains every stitch all its epochs unless --patience says otherwise (the quick preset stops early)
     default = preset.recipe.replace(patience=None, min_delta=0.0)
     lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [default.lr]
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name = f"b-default-{epochs}ep" + (f"-lr{lr:g}" if args.lrs else "")
         name += f"-patience{patience}" if patience is not None else ""
         name += f"-delta{args.min_delta:g}" if patience is not None and args.min_delta else ""
-        results.append(run(name, recipe, **b_options))
+        results.append(run(name, recipe, **study_options))
         ran[name] = recipe
     if args.former_default:
         recipe = default.replace(**FORMER_DEFAULT)
@@ -229,18 +229,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for changes in args.candidate:
         recipe = default.replace(**changes)
         name = ",".join(f"{k}={v}" for k, v in changes.items())
-        results.append(run(f"b-{name}", recipe, **b_options))
+        results.append(run(f"b-{name}", recipe, **study_options))
         candidates.append((results[-1], recipe, f"s-{name}"))
     seeds = [int(x) for x in args.seeds.split(",") if x]
     # each setting with seeds: its seed-0 run, then one run per seed ("s-" runs are not candidates themselves)
     with_seeds: dict[str, list[dict[str, Any]]] = {}
     if seeds:  # the default at seed 0 (run above when --epochs and --lrs include its own), then at each seed
         same = [r for r in results if ran.get(r["setting"]) == default]
-        own = same[0] if same else run("s-default-seed0", default, **b_options)
+        own = same[0] if same else run("s-default-seed0", default, **study_options)
         if not same:
             results.append(own)
         for first, recipe, prefix in [(own, default, "s-default"), *candidates]:
-            later = [run(f"{prefix}-seed{seed}", recipe.replace(seed=seed), **b_options) for seed in seeds]
+            later = [run(f"{prefix}-seed{seed}", recipe.replace(seed=seed), **study_options) for seed in seeds]
             with_seeds[first["setting"]] = [first, *later]
         results += [r for runs in with_seeds.values() for r in runs[1:]]
     base = np.array(results[0]["accuracy"])
@@ -321,10 +321,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fastest_seed_mean_match_time_ratio": None if fastest_mean is None else all_means[fastest_mean]["time_ratio"],
     }
     if unshared is not None:
-        same = float(np.abs(np.array(unshared["accuracy"]) - base).max())
+        unshared_gap = float(np.abs(np.array(unshared["accuracy"]) - base).max())
         print(
             f"(a) without share_suffix: {unshared['seconds']:.1f} s against {results[0]['seconds']:.1f} s with it (its "
-            f"cells within {same:.4f}); (a)'s time is the faster, {a_seconds:.1f} s"
+            f"cells within {unshared_gap:.4f}); (a)'s time is the faster, {a_seconds:.1f} s"
         )
     print("fastest setting that matches (a):", summary["fastest_match"], "time ratio", summary["fastest_time_ratio"])
     if spread is not None:

@@ -75,16 +75,12 @@ class LeastSquares:
         gives the same normal equations divided by ``f²`` (`update` multiplies
         them back), for ``f²`` times fewer rows.
         """
-        x, y = self._rows(provided, expected)
+        dtype = _common_dtype(provided, expected)
+        x = self._inputs(provided, dtype, maps=False)
+        y = self._targets(expected, dtype, like=x)
         if self.bias:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         return x, y
-
-    def _rows(self, provided: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`design` without the column of ones."""
-        dtype = _common_dtype(provided, expected)
-        x = self._inputs(provided, dtype, maps=False)
-        return x, self._targets(expected, dtype, like=x)
 
     def _inputs(self, provided: torch.Tensor, dtype: torch.dtype, *, maps: bool = True) -> torch.Tensor:
         """The core's inputs in ``dtype``: rows ``[R, d_in]``, or a map ``[B, d_in, P]`` (``P`` positions per
