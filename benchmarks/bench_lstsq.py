@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _networks import pair_cells, preset_networks
 
 import modelstitch as ms
-from modelstitch.study import PRESETS, load_dataset, zoo_models
 from modelstitch.train import holdout_split
 
 BATCH = 256  # the batch a Study fits least squares with (its eval_batch_size)
@@ -57,30 +56,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = PRESETS["quick" if args.data == "digits" else "cifar-small"]
-    train = ms.data.subset(load_dataset(preset.dataset, train=True, root=args.data_root), args.limit or preset.limit)
-    test = ms.data.subset(
-        load_dataset(preset.dataset, train=False, root=args.data_root), args.limit or preset.test_limit
-    )
-    augmented = ms.data.subset(
-        load_dataset(preset.dataset, train=True, root=args.data_root, augment=True), args.limit or preset.limit
-    )
     cpu = torch.device("cpu")
-    models, _ = zoo_models(
-        preset, out=Path(args.out), train_data=augmented, test_data=test, seed=0, device=cpu, progress=False
-    )
+    preset, train, test, models = preset_networks(args.data, args.data_root, args.limit, args.out, cpu)
     a, b = args.pair.split(",")
     part, _ = holdout_split(train, preset.recipe.holdout, seed=preset.recipe.seed)
     example = torch.stack([train[i][0] for i in range(2)])
-
-    def cells() -> list[ms.StitchedModel]:  # every layer into every layer, as a Study's default layers
-        return [
-            ms.stitch(models[a], sl, models[b], rl, example_input=example)
-            for sl in ms.zoo.layer_names(models[a])
-            for rl in ms.zoo.layer_names(models[b])
-        ]
-
-    fitted, reference = cells(), cells()
+    fitted, reference = pair_cells(models, args.pair, example), pair_cells(models, args.pair, example)
     start = time.perf_counter()
     ms.stitches.fit_least_squares_all(fitted, part, batch_size=BATCH, device=cpu)
     seconds = time.perf_counter() - start

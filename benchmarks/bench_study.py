@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from _networks import preset_networks
 
 import modelstitch as ms
-from modelstitch.study import PRESETS, load_dataset, zoo_models
 
 FORMER_DEFAULT = {
     "lr": 0.01, "momentum": 0.9, "warmup": 0.1, "holdout": 0.15, "epochs": 4, "upsampled_epochs_factor": 1,
@@ -173,18 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     allocator = ms.core.keep_freed_memory()  # as the command line does for every command that trains
     device = str(ms.core.resolve_device(args.device))
-    preset = PRESETS["quick" if args.data == "digits" else "cifar-small"]
     out = Path(args.out)
-    train = ms.data.subset(load_dataset(preset.dataset, train=True, root=args.data_root), args.limit or preset.limit)
-    test = ms.data.subset(
-        load_dataset(preset.dataset, train=False, root=args.data_root), args.limit or preset.test_limit
-    )
-    augmented = ms.data.subset(
-        load_dataset(preset.dataset, train=True, root=args.data_root, augment=True), args.limit or preset.limit
-    )
-    models, _ = zoo_models(
-        preset, out=out, train_data=augmented, test_data=test, seed=0, device=torch.device(device), progress=False
-    )
+    preset, train, test, models = preset_networks(args.data, args.data_root, args.limit, out, torch.device(device))
     pair = tuple(args.pair.split(","))
     nets = {name: models[name] for name in pair}
     paper = ms.Recipe.paper(lr=0.05, batch_size=64, base_batch_size=64, epochs=4)

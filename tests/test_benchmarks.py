@@ -19,6 +19,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:  # where a script run as `python benchmarks/x.py` finds the folder's modules
+        sys.path.append(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -157,6 +159,24 @@ def test_bench_lstsq_compares_the_float32_fit_with_the_float64_one(tmp_path, cap
     assert 0 < summary["largest_output_difference"] < 1e-2
     assert summary["largest_accuracy_difference"] <= 2 / 96  # two test images at most
     assert "float32 products" in capsys.readouterr().out
+
+
+def test_bench_eval_times_both_layouts_and_finds_the_same_scores(tmp_path, capsys):
+    bench = _load("bench_eval")
+    threads = torch.get_num_threads()
+    try:
+        summary = bench.main(
+            ["--limit", "96", "--threads", "1", "--reps", "1", "--out", str(tmp_path / "runs"),
+             "--json", str(tmp_path / "e.json")]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "e.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["cells"] == 6 * 5 and summary["test_images"] == 96  # R1211's six layers into R1111's five
+    assert _positive_finite(summary["seconds_channels_last"]) and _positive_finite(summary["seconds_as_given"])
+    assert summary["time_ratio"] == pytest.approx(summary["seconds_channels_last"] / summary["seconds_as_given"])
+    assert summary["cells_with_another_accuracy"] == 0 and summary["largest_loss_difference"] < 1e-5
+    assert "channels-last" in capsys.readouterr().out
 
 
 def test_layer_identification_writes_its_json(tmp_path, capsys):

@@ -696,6 +696,67 @@ def test_evaluate_stitches_equals_evaluating_each(trained, digits):
         assert result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
 
 
+def test_evaluation_feeds_channels_last_maps_on_the_cpu_and_gets_the_same_numbers(trained, digits):
+    """On the CPU the networks get channels-last inputs (a recording hook on the receiver's first conv sees
+    them) and score what inputs as they come score: the same accuracy, the loss to float rounding."""
+    _, te = digits
+    model = trained[0]
+    cells = [_fresh_stitch(model, layer, model, "stem", seed=i) for i, layer in enumerate(LAYERS[:3])]
+    seen: list[bool] = []
+    hook = model.stem[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    try:
+        fast = ms.train.evaluate_stitches([*cells, model], te, device=CPU)
+        assert seen and all(seen)
+        seen.clear()
+        plain = ms.train.evaluate_stitches([*cells, model], te, device=CPU, channels_last=False)
+        assert seen and not any(seen)
+    finally:
+        hook.remove()
+    for got, want in zip(fast, plain):
+        assert got["accuracy"] == want["accuracy"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+class _Viewing(nn.Module):
+    """A network that flattens its map with ``.view``, which a channels-last map refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.head(h.view(h.shape[0], -1))
+
+
+def test_a_network_that_refuses_channels_last_maps_is_evaluated_on_its_inputs_as_given():
+    torch.manual_seed(0)
+    net = _Viewing().eval()
+    x, y = torch.randn(40, 3, 5, 5), torch.randint(0, 3, (40,))
+    with pytest.raises(RuntimeError, match="view"):
+        net(x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        logits = net(x)
+    result = ms.evaluate(net, TensorDataset(x, y), batch_size=16, device=CPU)
+    assert result["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item(), abs=1e-12)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    # and as a receiver: the stitched network fails on a channels-last batch too, then runs as given
+    stitched = ms.stitch(net, "conv", net, "conv", example_input=x[:2], init="identity")
+    assert ms.evaluate(stitched, TensorDataset(x, y), batch_size=16, device=CPU)["accuracy"] == result["accuracy"]
+
+
+def test_a_network_that_fails_on_any_layout_still_raises():
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("broken network")
+
+    with pytest.raises(RuntimeError, match="broken network"):
+        ms.evaluate(Broken(), TensorDataset(torch.randn(8, 3, 4, 4), torch.zeros(8, dtype=torch.long)), device=CPU)
+
+
 def test_evaluation_needs_labels():
     net = _tiny_net()
     with pytest.raises(ms.StitchError, match="needs labels"):

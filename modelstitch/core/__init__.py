@@ -19,6 +19,7 @@ from ._device import resolve_device
 from ._files import atomic_path, remove_orphans, write_text
 from ._fingerprint import fingerprint_data, fingerprint_module
 from ._freeze import frozen
+from ._layout import ForwardLayout
 from ._lock import folder_lock
 from ._outputs import (
     OutputSelector,
@@ -45,6 +46,7 @@ __all__ = [
     "Activations",
     "Address",
     "BatchFn",
+    "ForwardLayout",
     "Layout",
     "OutputSelector",
     "Positions",

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._errors import StitchError
-from ..core import BatchFn, as_loader, call_model, frozen, iterate_batches, resolve_device
+from ..core import BatchFn, ForwardLayout, as_loader, call_model, frozen, iterate_batches, resolve_device
 from ..stitches import StitchedModel
 from ._plan import LossFn, Plan
 from ._recipe import Recipe
@@ -36,6 +36,7 @@ def evaluate_stitches(
     what: str = "the evaluation data",
     per_sample: bool = False,
     move: bool = True,
+    channels_last: bool = True,
 ) -> list[dict[str, Any]]:
     """Accuracy and mean loss of several classifiers over one pass of ``data``.
 
@@ -47,7 +48,10 @@ def evaluate_stitches(
     are restored afterwards.
     Given the ``recipe`` the stitches were trained with, the forward passes
     run in its numerics (its autocast), so evaluation sees what training saw;
-    without one they run in full precision.
+    without one they run in full precision. On the CPU, 4-D inputs go
+    to the networks in the channels-last memory format (`core.ForwardLayout`:
+    a quarter to a third less time for the presets' small ResNets, the
+    same numbers; ``channels_last=False`` passes them as they come).
 
     Labels are class indices ``[B]`` (``-100`` marks a sample to leave out of
     both scores, as in `torch.nn.functional.cross_entropy`) or soft labels
@@ -83,6 +87,18 @@ def evaluate_stitches(
     weights = torch.zeros(len(models), dtype=torch.float64)
     samples: list[list[torch.Tensor]] = [[] for _ in models]
     seen = 0
+    layout = ForwardLayout(dev if channels_last else None)
+
+    def forward(x: Any) -> dict[int, Any]:
+        outputs: dict[int, Any] = {}
+        if plan is not None:
+            reps = plan.frozen_outputs(x)
+            for m, key in zip(stitched, plan.provided_keys):
+                outputs[id(m)] = m.forward_from(reps[key], x)
+        for m in plain:
+            outputs[id(m)] = call_model(m, x)
+        return outputs
+
     with contextlib.ExitStack() as stack:
         for m in stitched:
             stack.enter_context(m.frozen())
@@ -104,13 +120,7 @@ def evaluate_stitches(
                         "tokens from input_ids); give labels, or train and score without them with objective='kl' or "
                         "'mse'"
                     )
-                outputs: dict[int, Any] = {}
-                if plan is not None:
-                    reps = plan.frozen_outputs(x)
-                    for m, key in zip(stitched, plan.provided_keys):
-                        outputs[id(m)] = m.forward_from(reps[key], x)
-                for m in plain:
-                    outputs[id(m)] = call_model(m, x)
+                outputs = layout(forward, x)
                 for i, m in enumerate(models):
                     out = outputs[id(m)]
                     hits = tasks[i].correct(out, y)

@@ -27,7 +27,7 @@ class Recipe:
     """How to train: initialisation, optimiser, schedule, selection, numerics and seed.
 
     The defaults reach the stitch recipe of Hernandez et al. (`Recipe.paper`)
-    cell by cell, over four seeds against its two, in 0.33 to 0.34 of its
+    cell by cell, over four seeds against its two, in 0.32 to 0.33 of its
     time (docs/performance.md, "A third of the paper's time"): each linear
     stitch starts from its least-squares fit (``init="lstsq"``) and its
     gradient is whitened by its input's second moments
@@ -71,7 +71,7 @@ class Recipe:
             32"), for 9% to 20% more time.
         epochs: passes over the training data. The default, three quarters
             of an epoch (1 until version 0.5), matched the paper's recipe cell
-            by cell over four seeds, in 0.33 to 0.34 of its time on a 2-core
+            by cell over four seeds, in 0.32 to 0.33 of its time on a 2-core
             CPU (docs/performance.md, "A third of the paper's time").
         upsampled_epochs_factor: a stitch whose nearest upsampling is by
             `UPSAMPLED` (4) or more per side (`Stitch.upsample`: a deep
