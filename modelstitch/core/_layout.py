@@ -20,10 +20,11 @@ class ForwardLayout:
 
     On the CPU, oneDNN convolves channels-last maps without reordering them
     to and from its blocked layout at every layer: with the weights left as
-    they are, a pass of the 30 cells of cifar-small's R1211 -> R1111 over a
-    batch of 256 test images took 0.60 s against 0.90 contiguous, the quick
-    preset's 0.25 against 0.32 (2-core Intel Xeon, torch 2.14.1; outputs
-    within 6e-6). Only passes without a backward use it: oneDNN's
+    they are, evaluating the 30 cells of cifar-small's R1211 -> R1111 on
+    2,000 test images took 5.58 s against 8.08 s contiguous, the quick
+    preset's on 360 images 0.43 s against 0.63 s (`benchmarks/bench_eval.py`,
+    2-core Intel Xeon, torch 2.14.1; the same accuracy in every cell, losses
+    within 2e-7; docs/performance.md). Only passes without a backward use it: oneDNN's
     channels-last 1x1 convolution backward crashed on an AMD EPYC (see
     `Recipe.uses_channels_last`). The numbers are the same either way; a
     network that cannot take a channels-last input (one that calls
